@@ -1,0 +1,5 @@
+import sys
+
+from dynllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""HTTP routes: OpenAI-compatible forwarding, admin and status."""

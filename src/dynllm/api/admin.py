@@ -1,0 +1,113 @@
+"""Admin and status routes: model state, manual load/unload, backend logs, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dynllm import __version__
+from dynllm.api.openai import parse_json_object
+from dynllm.errors import BadRequest, ModelBusy
+
+
+class ModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    force: bool = False
+
+
+def _services(request: Request) -> Any:
+    return request.app.state.services
+
+
+def _model_view(services: Any, name: str) -> dict[str, Any]:
+    spec = services.registry.get(name)
+    return {
+        "name": spec.name,
+        "aliases": list(spec.aliases),
+        "backend": spec.backend.value,
+        "model_type": spec.model_type.value,
+        **services.scheduler.snapshot(services.scheduler.slots[spec.name]),
+    }
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    services = _services(request)
+    scheduler = services.scheduler
+    return {
+        "status": "ok",
+        "version": __version__,
+        "models_loaded": sum(1 for s in scheduler.slots.values() if s.handle is not None),
+        "vram_used_mb": scheduler.used_vram_mb(),
+        "vram_total_mb": services.config.total_vram_mb,
+        "queued_requests": scheduler.queue_length(),
+    }
+
+
+@router.get("/admin/models")
+async def admin_models(request: Request) -> dict[str, Any]:
+    services = _services(request)
+    return {
+        "vram_total_mb": services.config.total_vram_mb,
+        "vram_used_mb": services.scheduler.used_vram_mb(),
+        "models": [_model_view(services, spec.name) for spec in services.registry],
+    }
+
+
+@router.get("/admin/models/{model}/logs")
+async def admin_logs(request: Request, model: str, lines: int = 200) -> dict[str, Any]:
+    services = _services(request)
+    spec = services.registry.get(model)
+    return {"model": spec.name, "lines": services.effects.logs(spec.name)[-max(lines, 0) :]}
+
+
+async def _model_request(request: Request) -> ModelRequest:
+    """Read ``{"model": ..., "force": ...}`` whatever the Content-Type (curl -d sends a form type)."""
+    data = parse_json_object(await request.body())
+    try:
+        return ModelRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise BadRequest(f"Invalid request: {problems}") from None
+
+
+@router.post("/admin/models/load")
+async def admin_load(request: Request) -> dict[str, Any]:
+    services = _services(request)
+    body = await _model_request(request)
+    spec = services.registry.get(body.model)
+    lease = await services.scheduler.acquire(spec)
+    lease.release()
+    return {"model": spec.name, "loaded": True, **_model_view(services, spec.name)}
+
+
+@router.post("/admin/models/unload")
+async def admin_unload(request: Request) -> dict[str, Any]:
+    services = _services(request)
+    body = await _model_request(request)
+    spec = services.registry.get(body.model)
+    was_running = await services.scheduler.unload(spec, force=body.force)
+    return {"model": spec.name, "unloaded": was_running, **_model_view(services, spec.name)}
+
+
+@router.post("/admin/models/unload-all")
+async def admin_unload_all(request: Request, force: bool = False) -> dict[str, Any]:
+    services = _services(request)
+    unloaded, busy = [], []
+    for spec in services.registry:
+        try:
+            if await services.scheduler.unload(spec, force=force):
+                unloaded.append(spec.name)
+        except ModelBusy:
+            busy.append(spec.name)
+    return {"unloaded": unloaded, "busy": busy}
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)

@@ -1,0 +1,143 @@
+"""create_app(config): the one place where the long-lived objects are wired.
+
+They live in the lifespan (no module globals), so every test builds its own.
+Startup order: open the state file, stop orphans a crashed run left behind,
+start the idle job, load ``preload_models``, then accept traffic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dynllm import __version__
+from dynllm.api import admin, openai
+from dynllm.config import Config
+from dynllm.errors import DynllmError, error_body
+from dynllm.launcher import ProcessEffects
+from dynllm.proxy import make_client
+from dynllm.registry import Registry
+from dynllm.scheduler import Scheduler
+from dynllm.store import Store
+
+log = logging.getLogger("dynllm")
+
+
+@dataclass
+class Services:
+    config: Config
+    registry: Registry
+    scheduler: Scheduler
+    store: Store
+    effects: ProcessEffects
+    client: httpx.AsyncClient
+    started_at: float = field(default_factory=time.time)
+
+
+def instance_marker(config: Config) -> str:
+    """Stable per state file: backends carry it, so a restart can tell its own orphans."""
+    return hashlib.sha256(str(config.db_file.resolve()).encode()).hexdigest()[:16]
+
+
+def create_app(config: Config) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        marker = instance_marker(config)
+        for model in config.missing_model_files():
+            log.warning(
+                "model file for '%s' does not exist: %s", model.name, config.model_path(model)
+            )
+        store = Store(config.db_file, marker)
+        await store.open()
+        orphans = await store.reconcile(
+            [m.name for m in config.models], config.stop_timeout_seconds
+        )
+        if orphans:
+            log.warning("stopped %d orphaned backend(s) from a previous run", len(orphans))
+        client = make_client(config)
+        probe_client = httpx.AsyncClient(trust_env=False)
+        effects = ProcessEffects(config, marker, probe_client)
+        scheduler = Scheduler(config, effects, store.record)
+        app.state.services = Services(config, Registry(config), scheduler, store, effects, client)
+        jobs = AsyncIOScheduler()
+        jobs.add_job(
+            scheduler.unload_idle,
+            "interval",
+            seconds=config.idle_check_interval_seconds,
+            max_instances=1,
+            coalesce=True,
+            id="idle-unload",
+        )
+        jobs.start()
+        try:
+            for name in config.preload_models:
+                spec = app.state.services.registry.get(name)
+                log.info("preloading '%s'", spec.name)
+                try:
+                    (await scheduler.acquire(spec)).release()
+                except DynllmError as exc:
+                    log.error("preloading '%s' failed: %s", spec.name, exc.message)
+            yield
+        finally:
+            jobs.shutdown(wait=False)
+            await scheduler.shutdown()
+            await client.aclose()
+            await probe_client.aclose()
+            await store.close()
+
+    app = FastAPI(
+        title="dynllm",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    openai.install(app)
+    admin.install(app)
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def dynllm_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DynllmError)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = "not_found" if exc.status_code == 404 else str(exc.status_code)
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            message = f"Unknown route: {request.method} {request.url.path}"
+        return JSONResponse(
+            error_body(message, type_, code),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+            for e in exc.errors()
+        )
+        return JSONResponse(
+            error_body(f"Invalid request: {problems}", "invalid_request_error", "invalid_request"),
+            status_code=400,
+        )
+
+    app.add_exception_handler(DynllmError, dynllm_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)

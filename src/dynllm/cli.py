@@ -1,0 +1,102 @@
+"""The ``dynllm`` command: parse arguments, load the config, run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dynllm import __version__
+from dynllm.backends import adapter_for, command_line
+from dynllm.config import Config, ConfigError, load_config
+
+EXIT_CONFIG = 2
+
+
+class EnvSettings(BaseSettings):
+    """Environment overrides, e.g. from a systemd drop-in (``DYNLLM_CONFIG=...``)."""
+
+    model_config = SettingsConfigDict(env_prefix="DYNLLM_")
+    config: Path = Path("config.yaml")
+    host: str | None = None
+    port: int | None = None
+    log_level: str | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = EnvSettings()
+    parser = argparse.ArgumentParser(
+        prog="dynllm",
+        description="OpenAI-compatible proxy that starts and stops local inference backends.",
+    )
+    parser.add_argument("--config", "-c", type=Path, default=env.config,
+                        help="config file (default: $DYNLLM_CONFIG or ./config.yaml)")  # fmt: skip
+    parser.add_argument("--host", default=env.host, help="override server.host")
+    parser.add_argument("--port", type=int, default=env.port, help="override server.port")
+    parser.add_argument("--log-level", default=env.log_level, help="override log_level")
+    parser.add_argument("--check-config", type=Path, metavar="PATH",
+                        help="validate PATH, print each model's command line, exit")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"dynllm {__version__}")
+    return parser.parse_args(argv)
+
+
+def _load_or_exit(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"dynllm: invalid config {path}:", file=sys.stderr)
+        for line in str(exc).splitlines():
+            print(f"  {line}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def check_config(path: Path) -> int:
+    config = _load_or_exit(path)
+    print(f"{path}: OK, {len(config.models)} model(s), VRAM budget {config.total_vram_mb} MB")
+    missing = {m.name for m in config.missing_model_files()}
+    for model in config.models:
+        argv = command_line(config, model, config.backend.port_range_start)
+        flags = [f"vram {model.vram_mb} MB", f"probe {adapter_for(model).probe(model)}"]
+        if model.pinned:
+            flags.append("pinned")
+        if model.name in missing:
+            flags.append(f"WARNING: file not found: {config.model_path(model)}")
+        kind = f"{model.backend.value}, {model.model_type.value}"
+        print(f"\n{model.name} ({kind}; {', '.join(flags)})")
+        print(f"  {shlex.join(argv)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.check_config is not None:
+        return check_config(args.check_config)
+    config = _load_or_exit(args.config)
+    level = (args.log_level or config.log_level).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # one line per upstream request / job run is noise
+        for noisy in ("httpx", "httpcore", "apscheduler"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    import uvicorn
+
+    from dynllm.app import create_app
+
+    uvicorn.run(
+        create_app(config),
+        host=args.host or config.server.host,
+        port=args.port or config.server.port,
+        log_level=level.lower(),
+        timeout_graceful_shutdown=int(config.stop_timeout_seconds) + 5,
+        access_log=level == "DEBUG",
+        server_header=False,  # the backend's own Server header passes through
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""The YAML config as pydantic models; ``load_config`` is the only entry point.
+
+DynLLM's config format is accepted unchanged; every key dynllm adds has a
+default, so an old file keeps working.  All validation lives here and is
+pure: it reads the YAML file and nothing else (a missing model file is only
+reported through ``Config.missing_model_files``, never an error, because a
+disk may be mounted after the service starts).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+
+class ConfigError(Exception):
+    """A config that must stop startup; ``str()`` names the key and the reason."""
+
+
+class BackendName(StrEnum):
+    LLAMACPP = "llamacpp"
+    OPENVINO = "openvino"
+    TRANSFORMERS = "transformers"
+    VLLM = "vllm"
+
+
+class ModelType(StrEnum):
+    LLM = "llm"
+    EMBEDDING = "embedding"
+    RERANK = "rerank"
+    TRANSCRIPTION = "transcription"
+    SPEECH = "speech"
+    IMAGE_GENERATION = "image_generation"
+    CLASSIFICATION = "classification"
+    DETECTION = "detection"
+    SEGMENTATION = "segmentation"
+    OCR = "ocr"
+
+
+class EvictionPolicy(StrEnum):
+    LRU = "lru"
+    LIFO = "lifo"
+
+
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class BackendSettings(_Strict):
+    llamacpp_binary: str = "llama-server"
+    ovms_binary: str = "ovms"
+    transformers_binary: str = "transformers"
+    vllm_binary: str = "vllm"
+    port_range_start: int = Field(9100, ge=1, le=65535)
+    port_range_end: int = Field(9200, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> BackendSettings:
+        if self.port_range_end < self.port_range_start:
+            raise ValueError(
+                f"port_range_end: {self.port_range_end} is below "
+                f"port_range_start ({self.port_range_start})"
+            )
+        return self
+
+    def binary_for(self, backend: BackendName) -> str:
+        return {
+            BackendName.LLAMACPP: self.llamacpp_binary,
+            BackendName.OPENVINO: self.ovms_binary,
+            BackendName.TRANSFORMERS: self.transformers_binary,
+            BackendName.VLLM: self.vllm_binary,
+        }[backend]
+
+
+def _timeout_seconds(value: Any) -> float | None:
+    """``-1``, ``inf`` and ``"inf"`` mean never; ``None`` means use the global one."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in {"inf", "infinity", "-1", "never"}:
+            return math.inf
+        value = float(text)
+    number = float(value)
+    if number == -1 or math.isinf(number):
+        return math.inf
+    if number < 0:
+        raise ValueError("must be -1/inf (never) or a number of seconds >= 0")
+    return number
+
+
+class ModelConfig(_Strict):
+    name: str = Field(min_length=1)
+    path: str = Field(min_length=1)
+    backend: BackendName
+    model_type: ModelType = ModelType.LLM
+    vram_mb: NonNegInt
+    # llama.cpp
+    n_gpu_layers: int = -1
+    context_size: int = Field(4096, ge=0)
+    # OpenVINO Model Server
+    target_device: str = "CPU"
+    ovms_shape: str | None = None
+    # transformers serve
+    device: str | None = None
+    dtype: str | None = None
+    quantization: Literal["none", "bnb-4bit", "bnb-8bit"] | None = None
+    trust_remote_code: bool = False
+    compile_model: bool = False
+    continuous_batching: bool = False
+    attn_implementation: str | None = None
+    model_timeout: NonNegInt | None = None
+    revision: str | None = None
+    # dynllm
+    unload_time: float | None = None
+    pinned: bool = False
+    load_timeout_seconds: PositiveFloat | None = None
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    aliases: list[str] = Field(default_factory=list)
+
+    @field_validator("unload_time", mode="before")
+    @classmethod
+    def _unload_time(cls, value: Any) -> float | None:
+        return _timeout_seconds(value)
+
+    @field_validator("extra_args", mode="before")
+    @classmethod
+    def _stringify_args(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [str(v) for v in value]
+        return value
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _stringify_env(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): str(v) for k, v in value.items()}
+        return value
+
+
+class Config(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    total_vram_mb: NonNegInt = 8192
+    idle_timeout_seconds: float = 300
+    enabled_backends: list[BackendName] = Field(
+        default_factory=lambda: [BackendName.LLAMACPP, BackendName.OPENVINO]
+    )
+    backend: BackendSettings = Field(default_factory=BackendSettings)
+    models_dir: str | None = None
+    db_path: str = "dynllm_state.db"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    preload_models: list[str] = Field(default_factory=list)
+    models: list[ModelConfig] = Field(default_factory=list)
+    # dynllm additions
+    eviction_policy: EvictionPolicy = EvictionPolicy.LRU
+    load_timeout_seconds: PositiveFloat = 600
+    health_poll_interval_ms: Annotated[int, Field(ge=1)] = 100
+    stop_timeout_seconds: PositiveFloat = 10
+    idle_check_interval_seconds: PositiveFloat = 5
+    queue_timeout_seconds: PositiveFloat = 120
+    upstream_read_timeout_seconds: PositiveFloat | None = None
+
+    # Where relative paths are resolved from (the config file's folder).
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+
+    @field_validator("idle_timeout_seconds", mode="before")
+    @classmethod
+    def _idle_timeout(cls, value: Any) -> float:
+        parsed = _timeout_seconds(value)
+        return math.inf if parsed is None else parsed
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        owners: dict[str, str] = {}
+        for i, model in enumerate(self.models):
+            for j, label in enumerate([model.name, *model.aliases]):
+                key = f"models[{i}].name" if j == 0 else f"models[{i}].aliases[{j - 1}]"
+                if label in owners:
+                    raise ValueError(f"{key}: '{label}' is already used by {owners[label]}")
+                owners[label] = f"{key} ('{model.name}')"
+            if model.backend not in self.enabled_backends:
+                enabled = ", ".join(b.value for b in self.enabled_backends) or "none"
+                raise ValueError(
+                    f"models[{i}].backend: '{model.backend.value}' is not in "
+                    f"enabled_backends ({enabled})"
+                )
+            if model.vram_mb > self.total_vram_mb:
+                raise ValueError(
+                    f"models[{i}].vram_mb: {model.vram_mb} MB is larger than "
+                    f"total_vram_mb ({self.total_vram_mb} MB); it could never be loaded"
+                )
+        for i, name in enumerate(self.preload_models):
+            if name not in owners:
+                raise ValueError(f"preload_models[{i}]: no model is named '{name}'")
+        return self
+
+    # ---- derived values -------------------------------------------------
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        if p.is_absolute():
+            return p
+        return self.base_dir / p
+
+    def model_path(self, model: ModelConfig) -> Path:
+        p = Path(model.path).expanduser()
+        if p.is_absolute():
+            return p
+        if self.models_dir is not None:
+            return self.resolve(self.models_dir) / p
+        return self.base_dir / p
+
+    @property
+    def db_file(self) -> Path:
+        return self.resolve(self.db_path)
+
+    def unload_after(self, model: ModelConfig) -> float:
+        return self.idle_timeout_seconds if model.unload_time is None else model.unload_time
+
+    def load_timeout(self, model: ModelConfig) -> float:
+        return model.load_timeout_seconds or self.load_timeout_seconds
+
+    def missing_model_files(self) -> list[ModelConfig]:
+        return [m for m in self.models if not self.model_path(m).exists()]
+
+
+def _format_location(loc: tuple[int | str, ...], data: Any) -> str:
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+        try:
+            node = node[item]
+        except (KeyError, IndexError, TypeError):
+            node = None
+        if isinstance(item, int) and isinstance(node, dict) and "name" in node and len(parts) == 2:
+            parts[-1] += f" ('{node['name']}')"
+    return "".join(parts) or "(top level)"
+
+
+def _readable(error: ValidationError, data: Any) -> str:
+    lines = []
+    for err in error.errors():
+        loc = tuple(x for x in err["loc"] if not str(x).startswith("function-"))
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see config.example.yaml)"
+        elif err["type"] == "enum" and loc and loc[-1] == "backend":
+            message = f"unknown backend '{err.get('input')}': {message}"
+        where = _format_location(loc, data)
+        own_key = re.match(r"^([\w\[\]().' ]+): ", message)
+        if own_key and not loc:  # cross-field checks name their own key
+            lines.append(message)
+        elif own_key and err["type"] == "value_error":
+            lines.append(f"{where}.{message}")
+        else:
+            lines.append(f"{where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, base_dir: Path | None = None) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("(top level): the config must be a YAML mapping")
+    if data.get("models") is None:
+        data = {**data, "models": []}
+    if data.get("preload_models") is None:
+        data = {**data, "preload_models": []}
+    try:
+        return Config.model_validate({**data, "base_dir": base_dir or Path.cwd()})
+    except ValidationError as exc:
+        raise ConfigError(_readable(exc, data)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: invalid YAML: {exc}") from None
+    return parse_config(data, base_dir=file.resolve().parent)

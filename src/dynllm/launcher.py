@@ -1,0 +1,67 @@
+"""The scheduler's real side effects: spawn a backend process, wait until it
+is ready, stop it.  Everything here acts; nothing here decides."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+
+import httpx
+
+from dynllm.backends import adapter_for, launch_for
+from dynllm.config import Config, ModelConfig
+from dynllm.errors import BackendExited, ModelFileMissing
+from dynllm.scheduler import Handle, PortTaken
+from dynllm.supervisor import BackendProcess
+
+
+class ProcessEffects:
+    def __init__(
+        self,
+        config: Config,
+        marker: str,
+        probe_client: httpx.AsyncClient,
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.marker = marker
+        self.client = probe_client
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.processes: dict[str, BackendProcess] = {}
+
+    async def start(
+        self, spec: ModelConfig, port: int, on_exit: Callable[[Handle], None]
+    ) -> Handle:
+        adapter = adapter_for(spec)
+        launch = launch_for(self.config, spec, port)
+        if not launch.model_path.exists():
+            raise ModelFileMissing(
+                f"The model file for '{spec.name}' does not exist: {launch.model_path}"
+            )
+        env = adapter.env(self.base_env, spec, self.marker)
+        process = await BackendProcess.spawn(spec.name, adapter.argv(launch), env, on_exit=on_exit)
+        self.processes[spec.name] = process
+        try:
+            await process.wait_ready(
+                self.client,
+                f"http://{launch.host}:{port}{adapter.probe(spec)}",
+                interval=self.config.health_poll_interval_ms / 1000,
+                timeout=self.config.load_timeout(spec),
+            )
+        except BackendExited as exc:
+            if adapter.is_bind_failure(exc.stderr_tail):
+                raise PortTaken(port) from exc
+            raise
+        except BaseException:
+            await asyncio.shield(process.stop(self.config.stop_timeout_seconds))
+            raise
+        return process
+
+    async def stop(self, handle: Handle) -> None:
+        assert isinstance(handle, BackendProcess)
+        await handle.stop(self.config.stop_timeout_seconds)
+
+    def logs(self, name: str) -> list[str]:
+        process = self.processes.get(name)
+        return process.tail() if process else []

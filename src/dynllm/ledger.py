@@ -1,0 +1,119 @@
+"""VRAM books and the eviction decision.  Pure: no I/O, no logging, no clock.
+
+The scheduler describes every model that holds VRAM (loading, ready or
+stopping) as a ``Resident`` and asks ``plan`` what admitting one more model
+needs.  The answer is one of four outcomes:
+
+* ``Fits``        - enough VRAM is free now;
+* ``Evict``       - stop these idle, unpinned models first (in this order);
+* ``Wait``        - only busy models stand in the way: wait until they drain;
+* ``Impossible``  - pinned models or the budget itself make it impossible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from dynllm.config import EvictionPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Resident:
+    name: str
+    vram_mb: int
+    loaded_seq: int
+    """Monotonic load order: a larger number was loaded later."""
+    last_used: float
+    busy: bool
+    """Serving a request, loading, or stopping: never a victim."""
+    pinned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Fits:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    victims: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    blockers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Impossible:
+    reason: str
+    pinned: tuple[str, ...] = ()
+
+
+Decision = Fits | Evict | Wait | Impossible
+
+
+def used_mb(residents: Iterable[Resident]) -> int:
+    return sum(r.vram_mb for r in residents)
+
+
+def free_mb(budget_mb: int, residents: Iterable[Resident]) -> int:
+    return budget_mb - used_mb(residents)
+
+
+def eviction_order(residents: Iterable[Resident], policy: EvictionPolicy) -> list[Resident]:
+    """Candidates first-to-evict first.  LRU: least recently used; LIFO: newest load."""
+    if policy is EvictionPolicy.LIFO:
+        return sorted(residents, key=lambda r: (-r.loaded_seq, r.name))
+    return sorted(residents, key=lambda r: (r.last_used, r.loaded_seq, r.name))
+
+
+def _take_until(need: int, free: int, ordered: Sequence[Resident]) -> list[Resident] | None:
+    taken: list[Resident] = []
+    for resident in ordered:
+        if free >= need:
+            break
+        if resident.vram_mb == 0:
+            continue
+        taken.append(resident)
+        free += resident.vram_mb
+    return taken if free >= need else None
+
+
+def plan(
+    need_mb: int,
+    budget_mb: int,
+    residents: Sequence[Resident],
+    policy: EvictionPolicy,
+) -> Decision:
+    if need_mb > budget_mb:
+        return Impossible(f"needs {need_mb} MB but the whole budget is {budget_mb} MB")
+    free = free_mb(budget_mb, residents)
+    if need_mb <= free:
+        return Fits()
+    idle = [r for r in residents if not r.busy and not r.pinned]
+    victims = _take_until(need_mb, free, eviction_order(idle, policy))
+    if victims is not None:
+        # Drop victims that turned out unnecessary (a large one taken late can
+        # cover for small ones taken earlier); keep policy order otherwise.
+        needed = list(victims)
+        for candidate in list(victims):
+            trial = [v for v in needed if v is not candidate]
+            if free + sum(v.vram_mb for v in trial) >= need_mb:
+                needed = trial
+        return Evict(tuple(r.name for r in needed))
+    unpinned = [r for r in residents if not r.pinned]
+    if free + used_mb(unpinned) >= need_mb:
+        # Evicting idle ones is not enough; busy ones must finish first.
+        order = eviction_order(idle, policy) + eviction_order(
+            [r for r in unpinned if r.busy], policy
+        )
+        blockers = _take_until(need_mb, free, order) or []
+        return Wait(tuple(r.name for r in blockers if r.busy))
+    pinned = tuple(sorted(r.name for r in residents if r.pinned))
+    return Impossible(
+        f"needs {need_mb} MB but only {free + used_mb(unpinned)} MB can be freed; "
+        f"pinned models hold the rest ({', '.join(pinned)})",
+        pinned,
+    )

@@ -1,0 +1,152 @@
+"""Forward one request to a leased backend and stream the answer back.
+
+This is the hot path: bytes pass through untouched (no parsing, no
+re-encoding, no buffering), and the lease is released in ``finally`` when the
+last byte is sent, the client goes away, or the backend fails.  A backend
+that fails after the response has started ends an event stream with one SSE
+error event in the OpenAI shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import anyio
+import httpx
+from starlette.types import Message, Receive, Scope, Send
+
+from dynllm.config import Config
+from dynllm.errors import BackendError, MidStreamFailure
+from dynllm.scheduler import Lease
+
+log = logging.getLogger("dynllm.proxy")
+
+# RFC 9110 7.6.1 connection-specific fields, plus those the client library sets itself.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_RESPONSE_DROP = HOP_BY_HOP - {"content-length"}
+
+
+def make_client(config: Config, *, max_connections: int = 1024) -> httpx.AsyncClient:
+    """The one client for all backends: sized for many concurrent streams and
+    with no read timeout, so a slow long generation is never cut."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(
+            connect=10.0,
+            read=config.upstream_read_timeout_seconds,
+            write=60.0,
+            pool=None,
+        ),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=30.0,
+        ),
+        trust_env=False,  # an http_proxy in the service's env must not catch loopback
+        follow_redirects=False,
+    )
+
+
+def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in raw if k.lower().decode("latin-1") not in HOP_BY_HOP]
+
+
+def response_headers(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in headers.raw if k.lower().decode("latin-1") not in _RESPONSE_DROP]
+    if headers.get("content-type", "").startswith("text/event-stream"):
+        # Keep nginx and friends from buffering the stream.
+        if "x-accel-buffering" not in headers:
+            out.append((b"x-accel-buffering", b"no"))
+        if "cache-control" not in headers:
+            out.append((b"cache-control", b"no-cache"))
+    return out
+
+
+class UpstreamResponse:
+    """An ASGI response that relays an upstream httpx response chunk by chunk.
+
+    It watches for the client's disconnect while streaming, so an abandoned
+    generation is cancelled upstream at once rather than at the next write.
+    """
+
+    def __init__(self, upstream: httpx.Response, lease: Lease) -> None:
+        self.upstream = upstream
+        self.lease = lease
+        self.is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def watch_disconnect() -> None:
+                    while True:
+                        message: Message = await receive()
+                        if message["type"] == "http.disconnect":
+                            tg.cancel_scope.cancel()
+                            return
+
+                tg.start_soon(watch_disconnect)
+                await self._relay(send)
+                tg.cancel_scope.cancel()
+        finally:
+            await self.upstream.aclose()
+            self.lease.release()
+
+    async def _relay(self, send: Send) -> None:
+        upstream = self.upstream
+        await send(
+            {
+                "type": "http.response.start",
+                "status": upstream.status_code,
+                "headers": response_headers(upstream.headers),
+            }
+        )
+        try:
+            async for chunk in upstream.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            name = self.lease.spec.name
+            log.warning("backend for '%s' failed mid-response: %r", name, exc)
+            if not self.is_sse:
+                raise  # the server drops the connection: the client sees a truncated body
+            error = MidStreamFailure(f"The backend for '{name}' failed mid-stream: {exc!r}")
+            await send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def forward(
+    client: httpx.AsyncClient,
+    lease: Lease,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    query: bytes = b"",
+) -> UpstreamResponse:
+    """Send the request; the returned response owns the lease from here on."""
+    url = lease.base_url + path + ("?" + query.decode("latin-1") if query else "")
+    try:
+        request = client.build_request(method, url, content=body, headers=request_headers(headers))
+        upstream = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        lease.release()
+        raise BackendError(f"The backend for '{lease.spec.name}' did not answer: {exc!r}") from None
+    except BaseException:
+        lease.release()
+        raise
+    return UpstreamResponse(upstream, lease)

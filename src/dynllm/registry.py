@@ -1,0 +1,68 @@
+"""Model lookup by name or alias, and which API families each model type serves. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from enum import StrEnum
+
+from dynllm.config import Config, ModelConfig, ModelType
+from dynllm.errors import ModelNotFound, WrongModelType
+
+
+class ApiFamily(StrEnum):
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    RERANK = "rerank"
+    TRANSCRIPTION = "audio.transcriptions"
+    TRANSLATION = "audio.translations"
+    SPEECH = "audio.speech"
+    IMAGES = "images.generations"
+    KSERVE = "kserve"
+
+
+SERVES: dict[ModelType, frozenset[ApiFamily]] = {
+    ModelType.LLM: frozenset({ApiFamily.CHAT, ApiFamily.COMPLETIONS}),
+    ModelType.EMBEDDING: frozenset({ApiFamily.EMBEDDINGS}),
+    ModelType.RERANK: frozenset({ApiFamily.RERANK}),
+    ModelType.TRANSCRIPTION: frozenset({ApiFamily.TRANSCRIPTION, ApiFamily.TRANSLATION}),
+    ModelType.SPEECH: frozenset({ApiFamily.SPEECH}),
+    ModelType.IMAGE_GENERATION: frozenset({ApiFamily.IMAGES}),
+    ModelType.CLASSIFICATION: frozenset({ApiFamily.KSERVE}),
+    ModelType.DETECTION: frozenset({ApiFamily.KSERVE}),
+    ModelType.SEGMENTATION: frozenset({ApiFamily.KSERVE}),
+    ModelType.OCR: frozenset({ApiFamily.KSERVE}),
+}
+
+
+class Registry:
+    """Resolves the names clients send (canonical names and aliases) to models."""
+
+    def __init__(self, config: Config) -> None:
+        self._by_label: dict[str, ModelConfig] = {}
+        for model in config.models:
+            self._by_label[model.name] = model
+            for alias in model.aliases:
+                self._by_label[alias] = model
+        self._models = list(config.models)
+
+    def __iter__(self) -> Iterator[ModelConfig]:
+        return iter(self._models)
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def get(self, label: str) -> ModelConfig:
+        try:
+            return self._by_label[label]
+        except KeyError:
+            raise ModelNotFound(f"The model '{label}' does not exist") from None
+
+    def for_family(self, label: str, family: ApiFamily) -> ModelConfig:
+        model = self.get(label)
+        if family not in SERVES[model.model_type]:
+            raise WrongModelType(
+                f"The model '{label}' is a {model.model_type.value} model and does not serve "
+                f"{family.value} requests"
+            )
+        return model

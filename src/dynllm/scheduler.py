@@ -1,0 +1,517 @@
+"""Which backends run: admission, single-flight loads, eviction, queueing, idle unload.
+
+The scheduler is the one owner of every model's lifecycle state.  All of its
+decisions are taken synchronously (no ``await`` between looking at the state
+and changing it), so concurrent requests cannot both decide to start the same
+model; the side effects (spawning, stopping) go through the small ``Effects``
+interface, which tests replace with a recorded fake.
+
+Model states and their edges (each taken in one place)::
+
+    UNLOADED  -> LOADING     _begin_load      (admitted: VRAM reserved)
+    LOADING   -> READY       _load            (backend answered its probe)
+    LOADING   -> UNLOADED    _load            (start failed, timed out, cancelled)
+    READY     -> UNLOADING   _begin_unload    (evicted, idle, by hand, shutdown)
+    READY     -> UNLOADED    _on_exit         (backend died on its own)
+    UNLOADING -> UNLOADED    _unload          (process reaped)
+
+A model holds VRAM in LOADING, READY and UNLOADING: memory counts as free
+only once the process is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
+from typing import Any, Protocol
+
+from dynllm import ledger
+from dynllm.config import Config, ModelConfig
+from dynllm.errors import (
+    BackendStartFailed,
+    DynllmError,
+    InsufficientVRAM,
+    ModelBusy,
+    ModelTooLarge,
+    QueueTimeout,
+    ShuttingDown,
+    Unavailable,
+)
+from dynllm.ports import PortPool
+
+log = logging.getLogger("dynllm.scheduler")
+
+PORT_ATTEMPTS = 3
+RETRY_AFTER_SECONDS = 5.0
+
+
+class ModelState(StrEnum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "loaded"
+    UNLOADING = "unloading"
+
+
+_EDGES: dict[ModelState, frozenset[ModelState]] = {
+    ModelState.UNLOADED: frozenset({ModelState.LOADING}),
+    ModelState.LOADING: frozenset({ModelState.READY, ModelState.UNLOADED}),
+    ModelState.READY: frozenset({ModelState.UNLOADING, ModelState.UNLOADED}),
+    ModelState.UNLOADING: frozenset({ModelState.UNLOADED}),
+}
+
+
+class PortTaken(Exception):
+    """The backend could not bind its port; the scheduler retries on another."""
+
+
+class Handle(Protocol):
+    """A started backend, as the scheduler sees it."""
+
+    pid: int
+    pgid: int
+    started_at: float
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def stderr_tail(self, n: int = 20) -> list[str]: ...
+
+
+class Effects(Protocol):
+    async def start(
+        self, spec: ModelConfig, port: int, on_exit: Callable[[Handle], None]
+    ) -> Handle:
+        """Spawn the backend and return once it is ready.  On any failure the
+        process is already gone and a DynllmError (or PortTaken) is raised;
+        if cancelled, the process is stopped before CancelledError propagates."""
+        ...
+
+    async def stop(self, handle: Handle) -> None:
+        """Stop and reap; idempotent."""
+        ...
+
+
+class Persist(Protocol):
+    def __call__(self, name: str, **fields: Any) -> None: ...
+
+
+@dataclass(eq=False)
+class Slot:
+    spec: ModelConfig
+    state: ModelState = ModelState.UNLOADED
+    handle: Handle | None = None
+    port: int | None = None
+    in_flight: int = 0
+    pending: int = 0
+    """Requests that waited on the load and have not taken their lease yet."""
+    generation: int = 0
+    loaded_seq: int = 0
+    loaded_at: float | None = None
+    last_used: float = 0.0
+    last_used_wall: float | None = None
+    load_count: int = 0
+    last_error: str | None = None
+    load: asyncio.Future[None] | None = None
+    load_task: asyncio.Task[None] | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def busy(self) -> bool:
+        return self.state is not ModelState.READY or self.in_flight > 0 or self.pending > 0
+
+
+class Lease:
+    """A right to send requests to a ready backend, held until the response ends."""
+
+    __slots__ = ("_scheduler", "_slot", "generation", "port", "released", "spec")
+
+    def __init__(self, scheduler: Scheduler, slot: Slot) -> None:
+        self._scheduler = scheduler
+        self._slot = slot
+        self.spec = slot.spec
+        self.generation = slot.generation
+        assert slot.port is not None
+        self.port: int = slot.port
+        self.released = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._scheduler._release(self._slot, self.generation)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    slot: Slot
+    future: asyncio.Future[None]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: Config,
+        effects: Effects,
+        persist: Persist | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.effects = effects
+        self.ports = PortPool(config.backend.port_range_start, config.backend.port_range_end)
+        self.slots: dict[str, Slot] = {m.name: Slot(m) for m in config.models}
+        self._persist: Persist = persist or (lambda name, **fields: None)
+        self._clock = clock
+        self._wall = wall
+        self._queue: deque[_Waiter] = deque()
+        self._seq = 0
+        self._closing = False
+        self._unloads: set[asyncio.Task[None]] = set()
+
+    # ---- transitions -------------------------------------------------------------
+    def _move(self, slot: Slot, new: ModelState, **fields: Any) -> None:
+        if new not in _EDGES[slot.state]:
+            raise RuntimeError(f"{slot.name}: illegal transition {slot.state} -> {new}")
+        slot.state = new
+        self._persist(slot.name, status=new.value, **fields)
+
+    # ---- admission -----------------------------------------------------------------
+    def residents(self) -> list[ledger.Resident]:
+        return [
+            ledger.Resident(
+                name=s.name,
+                vram_mb=s.spec.vram_mb,
+                loaded_seq=s.loaded_seq,
+                last_used=s.last_used,
+                busy=s.busy,
+                pinned=s.spec.pinned,
+            )
+            for s in self.slots.values()
+            if s.state is not ModelState.UNLOADED
+        ]
+
+    def plan(self, slot: Slot) -> ledger.Decision:
+        return ledger.plan(
+            slot.spec.vram_mb,
+            self.config.total_vram_mb,
+            self.residents(),
+            self.config.eviction_policy,
+        )
+
+    async def acquire(self, spec: ModelConfig) -> Lease:
+        """A lease on a ready backend for ``spec``, loading it first if needed.
+
+        Joins a load already in flight; evicts idle models the ledger names;
+        waits in FIFO order (up to queue_timeout_seconds) when only busy models
+        stand in the way.  Raises a DynllmError when the model cannot be served.
+        """
+        slot = self.slots[spec.name]
+        deadline = self._clock() + self.config.queue_timeout_seconds
+        while True:
+            if self._closing:
+                raise ShuttingDown("dynllm is shutting down")
+            if slot.state is ModelState.READY:
+                slot.in_flight += 1
+                return Lease(self, slot)
+            if slot.state is ModelState.LOADING:
+                assert slot.load is not None
+                slot.pending += 1
+                try:
+                    await asyncio.shield(slot.load)
+                finally:
+                    slot.pending -= 1
+                continue
+            if slot.state is ModelState.UNLOADING:
+                await slot.stopped.wait()
+                continue
+            if self._queue:  # others wait for VRAM already: no overtaking
+                await self._wait_turn(slot, deadline)
+                continue
+            decision = self.plan(slot)
+            if isinstance(decision, ledger.Wait):
+                await self._wait_turn(slot, deadline)
+            else:
+                self._admit(slot, decision)
+
+    def _admit(self, slot: Slot, decision: ledger.Decision) -> None:
+        """Act on a decision that does not wait.  Synchronous on purpose."""
+        if isinstance(decision, ledger.Fits):
+            self._begin_load(slot, [])
+        elif isinstance(decision, ledger.Evict):
+            self._begin_load(slot, [self.slots[name] for name in decision.victims])
+        elif isinstance(decision, ledger.Impossible):
+            if slot.spec.vram_mb > self.config.total_vram_mb:
+                raise ModelTooLarge(
+                    f"The model '{slot.name}' {decision.reason}; raise total_vram_mb"
+                )
+            raise InsufficientVRAM(f"Cannot load '{slot.name}': {decision.reason}")
+        else:
+            raise AssertionError(decision)
+
+    async def _wait_turn(self, slot: Slot, deadline: float) -> None:
+        waiter = _Waiter(slot, asyncio.get_running_loop().create_future())
+        self._queue.append(waiter)
+        self._pump()
+        try:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=remaining)
+        except TimeoutError:
+            raise QueueTimeout(
+                f"The model '{slot.name}' needs VRAM held by busy models; gave up after "
+                f"{self.config.queue_timeout_seconds:g} s (queue_timeout_seconds)",
+                retry_after=RETRY_AFTER_SECONDS,
+            ) from None
+        finally:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+                self._pump()
+
+    def _pump(self) -> None:
+        """Serve queued requests in arrival order while the head can go ahead."""
+        while self._queue and not self._closing:
+            head = self._queue[0]
+            if head.future.done():
+                self._queue.popleft()
+                continue
+            if head.slot.state is ModelState.UNLOADED:
+                decision = self.plan(head.slot)
+                if isinstance(decision, ledger.Wait):
+                    return
+                try:
+                    self._admit(head.slot, decision)
+                except DynllmError as exc:
+                    self._queue.popleft()
+                    head.future.set_exception(exc)
+                    continue
+            self._queue.popleft()
+            head.future.set_result(None)
+
+    def _release(self, slot: Slot, generation: int) -> None:
+        if generation != slot.generation:
+            return  # that backend is gone; its bookkeeping was reset with it
+        slot.in_flight -= 1
+        slot.last_used = self._clock()
+        slot.last_used_wall = self._wall()
+        self._persist(slot.name, last_used=slot.last_used_wall)
+        if slot.in_flight == 0:
+            self._pump()
+
+    # ---- loading -------------------------------------------------------------------
+    def _begin_load(self, slot: Slot, victims: list[Slot]) -> None:
+        stops = [self._begin_unload(v, f"evicted to make room for '{slot.name}'") for v in victims]
+        loop = asyncio.get_running_loop()
+        slot.load = loop.create_future()
+        # Nobody may be waiting (preload, admin load): don't warn about it.
+        slot.load.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._move(slot, ModelState.LOADING, vram_mb=slot.spec.vram_mb)
+        slot.load_task = asyncio.create_task(self._load(slot, stops), name=f"load-{slot.name}")
+
+    async def _load(self, slot: Slot, stops: list[asyncio.Task[None]]) -> None:
+        assert slot.load is not None
+        result: BaseException | None = None
+        try:
+            if stops:
+                await asyncio.gather(*stops)
+            await self._start(slot)
+        except asyncio.CancelledError:
+            result = Unavailable(f"loading '{slot.name}' was cancelled")
+        except DynllmError as exc:
+            result = exc
+        except Exception as exc:
+            log.exception("unexpected error while loading '%s'", slot.name)
+            result = BackendStartFailed(f"loading '{slot.name}' failed: {exc!r}")
+        if result is None:
+            slot.load.set_result(None)
+        else:
+            slot.last_error = str(result)
+            log.error("%s", slot.last_error)
+            self._move(slot, ModelState.UNLOADED, pid=None, port=None, last_error=slot.last_error)
+            slot.load.set_exception(result)
+        slot.load_task = None
+        self._pump()
+
+    async def _start(self, slot: Slot) -> None:
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = self.ports.lease()
+            try:
+                handle = await self.effects.start(slot.spec, port, partial(self._on_exit, slot))
+            except PortTaken:
+                log.warning("'%s' could not bind port %d (try %d)", slot.name, port, attempt)
+                self.ports.quarantine(port)
+                continue
+            except BaseException:
+                self.ports.release(port)
+                raise
+            self._seq += 1
+            now_wall = self._wall()
+            slot.handle, slot.port = handle, port
+            slot.generation += 1
+            slot.loaded_seq = self._seq
+            slot.loaded_at = now_wall
+            slot.last_used, slot.last_used_wall = self._clock(), now_wall
+            slot.load_count += 1
+            slot.last_error = None
+            slot.stopped = asyncio.Event()
+            self._move(
+                slot,
+                ModelState.READY,
+                pid=handle.pid,
+                pgid=handle.pgid,
+                proc_started_at=handle.started_at,
+                port=port,
+                loaded_at=now_wall,
+                last_used=now_wall,
+                load_count="+1",
+                last_error=None,
+            )
+            log.info("'%s' is ready on port %d (pid %d)", slot.name, port, handle.pid)
+            return
+        raise BackendStartFailed(
+            f"backend for '{slot.name}' could not bind a port after {PORT_ATTEMPTS} tries"
+        )
+
+    # ---- unloading -----------------------------------------------------------------
+    def _begin_unload(self, slot: Slot, reason: str) -> asyncio.Task[None]:
+        assert slot.handle is not None
+        log.info("unloading '%s': %s", slot.name, reason)
+        self._move(slot, ModelState.UNLOADING)
+        task = asyncio.create_task(self._unload(slot, slot.handle), name=f"unload-{slot.name}")
+        self._unloads.add(task)
+        task.add_done_callback(self._unloads.discard)
+        return task
+
+    async def _unload(self, slot: Slot, handle: Handle) -> None:
+        try:
+            await self.effects.stop(handle)
+        finally:
+            self._forget_backend(slot)
+            self._move(slot, ModelState.UNLOADED, pid=None, pgid=None, port=None)
+            slot.stopped.set()
+            self._pump()
+
+    def _forget_backend(self, slot: Slot) -> None:
+        if slot.port is not None:
+            self.ports.release(slot.port)
+        slot.handle, slot.port = None, None
+        slot.generation += 1
+        slot.in_flight = 0
+
+    def _on_exit(self, slot: Slot, handle: Handle) -> None:
+        """The process is gone.  Only a death nobody asked for is handled here."""
+        if handle is not slot.handle or handle.stopping or slot.state is not ModelState.READY:
+            return
+        tail = " | ".join(handle.stderr_tail(5))
+        slot.last_error = f"backend exited unexpectedly with code {handle.returncode}: {tail}"
+        log.error("'%s' %s", slot.name, slot.last_error)
+        self._forget_backend(slot)
+        self._move(slot, ModelState.UNLOADED, pid=None, pgid=None, port=None,
+                   last_error=slot.last_error)  # fmt: skip
+        slot.stopped.set()
+        self._pump()
+
+    async def unload(self, spec: ModelConfig, *, force: bool = False) -> bool:
+        """Unload by hand.  A busy model is refused unless ``force``.  Returns
+        whether anything was running."""
+        slot = self.slots[spec.name]
+        if slot.state is ModelState.LOADING:
+            if slot.load_task is not None:
+                slot.load_task.cancel()
+            with contextlib.suppress(DynllmError):
+                assert slot.load is not None
+                await asyncio.shield(slot.load)
+            return True
+        if slot.state is ModelState.UNLOADING:
+            await slot.stopped.wait()
+            return True
+        if slot.state is ModelState.UNLOADED:
+            return False
+        if slot.in_flight and not force:
+            raise ModelBusy(
+                f"The model '{slot.name}' is serving {slot.in_flight} request(s); "
+                'retry later or send {"force": true} to stop it anyway'
+            )
+        await self._begin_unload(slot, "unloaded by request")
+        return True
+
+    def idle_victims(self) -> list[Slot]:
+        now = self._clock()
+        return [
+            s
+            for s in self.slots.values()
+            if s.state is ModelState.READY
+            and not s.busy
+            and not math.isinf(timeout := self.config.unload_after(s.spec))
+            and now - s.last_used >= timeout
+        ]
+
+    async def unload_idle(self) -> list[str]:
+        victims = self.idle_victims()
+        tasks = [self._begin_unload(s, "idle timeout") for s in victims]
+        if tasks:
+            await asyncio.gather(*tasks)
+        return [s.name for s in victims]
+
+    async def shutdown(self) -> None:
+        self._closing = True
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(ShuttingDown("dynllm is shutting down"))
+        for slot in self.slots.values():
+            if slot.load_task is not None:
+                slot.load_task.cancel()
+        loads = [s.load for s in self.slots.values() if s.load is not None]
+        await asyncio.gather(*loads, return_exceptions=True)
+        for slot in self.slots.values():
+            if slot.state is ModelState.READY:
+                self._begin_unload(slot, "shutdown")
+        if self._unloads:
+            await asyncio.gather(*list(self._unloads), return_exceptions=True)
+
+    # ---- views ----------------------------------------------------------------------
+    def snapshot(self, slot: Slot) -> dict[str, Any]:
+        h = slot.handle
+        return {
+            "status": slot.state.value,
+            "port": slot.port,
+            "pid": h.pid if h else None,
+            "vram_mb": slot.spec.vram_mb,
+            "loaded_at": slot.loaded_at if h else None,
+            "last_used": slot.last_used_wall,
+            "in_flight": slot.in_flight,
+            "load_count": slot.load_count,
+            "last_error": slot.last_error,
+            "pinned": slot.spec.pinned,
+            "unload_after_seconds": _json_seconds(self.config.unload_after(slot.spec)),
+        }
+
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    def used_vram_mb(self) -> int:
+        return ledger.used_mb(self.residents())
+
+
+def _json_seconds(value: float) -> float | None:
+    return None if math.isinf(value) else value
