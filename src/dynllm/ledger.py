@@ -81,6 +81,17 @@ def _take_until(need: int, free: int, ordered: Sequence[Resident]) -> list[Resid
     return taken if free >= need else None
 
 
+def _prune(taken: Sequence[Resident], free: int, need: int) -> list[Resident]:
+    """Drop members that turned out unnecessary (a large one taken late can
+    cover for small ones taken earlier); keep the order otherwise."""
+    needed = list(taken)
+    for candidate in taken:
+        trial = [r for r in needed if r is not candidate]
+        if free + used_mb(trial) >= need:
+            needed = trial
+    return needed
+
+
 def plan(
     need_mb: int,
     budget_mb: int,
@@ -90,30 +101,22 @@ def plan(
     if need_mb > budget_mb:
         return Impossible(f"needs {need_mb} MB but the whole budget is {budget_mb} MB")
     free = free_mb(budget_mb, residents)
-    if need_mb <= free:
+    if need_mb == 0 or need_mb <= free:
         return Fits()
     idle = [r for r in residents if not r.busy and not r.pinned]
     victims = _take_until(need_mb, free, eviction_order(idle, policy))
     if victims is not None:
-        # Drop victims that turned out unnecessary (a large one taken late can
-        # cover for small ones taken earlier); keep policy order otherwise.
-        needed = list(victims)
-        for candidate in list(victims):
-            trial = [v for v in needed if v is not candidate]
-            if free + sum(v.vram_mb for v in trial) >= need_mb:
-                needed = trial
-        return Evict(tuple(r.name for r in needed))
+        return Evict(tuple(r.name for r in _prune(victims, free, need_mb)))
     unpinned = [r for r in residents if not r.pinned]
     if free + used_mb(unpinned) >= need_mb:
-        # Evicting idle ones is not enough; busy ones must finish first.
-        order = eviction_order(idle, policy) + eviction_order(
-            [r for r in unpinned if r.busy], policy
-        )
-        blockers = _take_until(need_mb, free, order) or []
-        return Wait(tuple(r.name for r in blockers if r.busy))
-    pinned = tuple(sorted(r.name for r in residents if r.pinned))
+        # Evicting every idle model is not enough: some busy ones must finish first.
+        after_idle = free + used_mb(idle)
+        busy = eviction_order([r for r in unpinned if r.busy], policy)
+        blockers = _prune(_take_until(need_mb, after_idle, busy) or [], after_idle, need_mb)
+        return Wait(tuple(r.name for r in blockers))
+    pinned = tuple(sorted(r.name for r in residents if r.pinned and r.vram_mb > 0))
     return Impossible(
-        f"needs {need_mb} MB but only {free + used_mb(unpinned)} MB can be freed; "
+        f"needs {need_mb} MB but at most {free + used_mb(unpinned)} MB can be made free; "
         f"pinned models hold the rest ({', '.join(pinned)})",
         pinned,
     )

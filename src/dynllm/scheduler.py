@@ -162,7 +162,10 @@ class Lease:
 @dataclass(eq=False)
 class _Waiter:
     slot: Slot
-    future: asyncio.Future[None]
+    future: asyncio.Future[asyncio.Future[None] | None]
+    """Resolved with the load to join (None: none to join) when it may go ahead."""
+    held: bool = False
+    """The pump counted this request in ``slot.pending`` for it."""
 
 
 class Scheduler:
@@ -235,22 +238,30 @@ class Scheduler:
             if slot.state is ModelState.LOADING:
                 assert slot.load is not None
                 slot.pending += 1
-                try:
-                    await asyncio.shield(slot.load)
-                finally:
-                    slot.pending -= 1
+                await self._join_load(slot, slot.load)
                 continue
             if slot.state is ModelState.UNLOADING:
                 await slot.stopped.wait()
                 continue
-            if self._queue:  # others wait for VRAM already: no overtaking
-                await self._wait_turn(slot, deadline)
-                continue
-            decision = self.plan(slot)
-            if isinstance(decision, ledger.Wait):
-                await self._wait_turn(slot, deadline)
-            else:
-                self._admit(slot, decision)
+            if not self._queue:  # others waiting for VRAM first: no overtaking
+                decision = self.plan(slot)
+                if not isinstance(decision, ledger.Wait):
+                    self._admit(slot, decision)
+                    continue
+            waiter = await self._wait_turn(slot, deadline)
+            if waiter.held:
+                await self._join_load(slot, waiter.future.result())
+
+    async def _join_load(self, slot: Slot, load: asyncio.Future[None] | None) -> None:
+        """Wait for a load the caller is counted in (``pending``) and uncount it.
+
+        The load is shielded: one client leaving must not cancel a load that
+        other requests are waiting for."""
+        try:
+            if load is not None:
+                await asyncio.shield(load)
+        finally:
+            slot.pending -= 1
 
     def _admit(self, slot: Slot, decision: ledger.Decision) -> None:
         """Act on a decision that does not wait.  Synchronous on purpose."""
@@ -267,15 +278,19 @@ class Scheduler:
         else:
             raise AssertionError(decision)
 
-    async def _wait_turn(self, slot: Slot, deadline: float) -> None:
+    async def _wait_turn(self, slot: Slot, deadline: float) -> _Waiter:
+        """Queue until the pump lets this request go ahead (or the deadline passes)."""
         waiter = _Waiter(slot, asyncio.get_running_loop().create_future())
         self._queue.append(waiter)
         self._pump()
+        served = False
         try:
             remaining = deadline - self._clock()
-            if remaining <= 0:
+            if remaining <= 0 and not waiter.future.done():
                 raise TimeoutError
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=remaining)
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max(remaining, 0))
+            served = True
+            return waiter
         except TimeoutError:
             raise QueueTimeout(
                 f"The model '{slot.name}' needs VRAM held by busy models; gave up after "
@@ -286,26 +301,37 @@ class Scheduler:
             if waiter in self._queue:
                 self._queue.remove(waiter)
                 self._pump()
+            elif waiter.held and not served:
+                slot.pending -= 1
+                self._pump()
 
     def _pump(self) -> None:
-        """Serve queued requests in arrival order while the head can go ahead."""
+        """Serve queued requests in arrival order while the head can go ahead.
+
+        A request let through while its model loads (or is ready) is counted in
+        ``pending`` right here, before it runs again, so nothing can evict the
+        model in between."""
         while self._queue and not self._closing:
             head = self._queue[0]
             if head.future.done():
                 self._queue.popleft()
                 continue
-            if head.slot.state is ModelState.UNLOADED:
-                decision = self.plan(head.slot)
+            slot = head.slot
+            if slot.state is ModelState.UNLOADED:
+                decision = self.plan(slot)
                 if isinstance(decision, ledger.Wait):
                     return
                 try:
-                    self._admit(head.slot, decision)
+                    self._admit(slot, decision)
                 except DynllmError as exc:
                     self._queue.popleft()
                     head.future.set_exception(exc)
                     continue
             self._queue.popleft()
-            head.future.set_result(None)
+            if slot.state in (ModelState.LOADING, ModelState.READY):
+                slot.pending += 1
+                head.held = True
+            head.future.set_result(slot.load if slot.state is ModelState.LOADING else None)
 
     def _release(self, slot: Slot, generation: int) -> None:
         if generation != slot.generation:

@@ -1,0 +1,407 @@
+"""Scheduler decisions against a recorded fake of its side effects: no processes, no sleeps.
+
+Every fake start and stop blocks on a future the test resolves, so each
+interleaving is driven explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from dynllm.config import Config, ModelConfig, parse_config
+from dynllm.errors import (
+    BackendExited,
+    InsufficientVRAM,
+    ModelBusy,
+    QueueTimeout,
+)
+from dynllm.scheduler import Handle, ModelState, PortTaken, Scheduler
+
+_pids = itertools.count(1000)
+
+
+@dataclass(eq=False)
+class FakeHandle:
+    name: str
+    port: int
+    on_exit: Callable[[Handle], None]
+    pid: int = field(default_factory=lambda: next(_pids))
+    started_at: float = 0.0
+    returncode: int | None = None
+    stopping: bool = False
+
+    @property
+    def pgid(self) -> int:
+        return self.pid
+
+    def stderr_tail(self, n: int = 20) -> list[str]:
+        return ["boom"]
+
+    def crash(self, code: int = 1) -> None:
+        self.returncode = code
+        self.on_exit(self)
+
+
+class FakeEffects:
+    """Records starts and stops; each completes when the test says so
+    (or at once with ``auto=True``)."""
+
+    def __init__(self, auto: bool = True) -> None:
+        self.auto = auto
+        self.log: list[tuple[str, str]] = []
+        self.gates: dict[str, asyncio.Future[None]] = {}
+        self.handles: dict[str, FakeHandle] = {}
+        self.fail_next: dict[str, BaseException] = {}
+
+    def gate(self, key: str) -> asyncio.Future[None]:
+        if key not in self.gates:
+            self.gates[key] = asyncio.get_running_loop().create_future()
+        return self.gates[key]
+
+    def open(self, key: str) -> None:
+        self.gate(key).set_result(None)
+
+    async def start(self, spec: ModelConfig, port: int, on_exit: Any) -> Handle:
+        self.log.append(("start", spec.name))
+        if not self.auto:
+            await self.gate(f"start:{spec.name}")
+            del self.gates[f"start:{spec.name}"]
+        if spec.name in self.fail_next:
+            raise self.fail_next.pop(spec.name)
+        handle = FakeHandle(spec.name, port, on_exit)
+        self.handles[spec.name] = handle
+        return handle
+
+    async def stop(self, handle: Handle) -> None:
+        assert isinstance(handle, FakeHandle)
+        handle.stopping = True
+        self.log.append(("stop", handle.name))
+        if not self.auto:
+            await self.gate(f"stop:{handle.name}")
+            del self.gates[f"stop:{handle.name}"]
+        handle.returncode = 0
+        handle.on_exit(handle)
+
+    def starts(self, name: str | None = None) -> int:
+        return sum(1 for op, n in self.log if op == "start" and (name is None or n == name))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_config(models: list[dict[str, Any]], **top: Any) -> Config:
+    for m in models:
+        m.setdefault("path", f"/models/{m['name']}.gguf")
+        m.setdefault("backend", "llamacpp")
+    return parse_config(
+        {
+            "total_vram_mb": 8000,
+            "queue_timeout_seconds": 5,
+            "backend": {"port_range_start": 41000, "port_range_end": 41050},
+            "models": models,
+            **top,
+        }
+    )
+
+
+def make(
+    models: list[dict[str, Any]], auto: bool = True, **top: Any
+) -> tuple[Scheduler, FakeEffects, Clock, list[tuple[str, dict[str, Any]]]]:
+    effects = FakeEffects(auto=auto)
+    clock = Clock()
+    records: list[tuple[str, dict[str, Any]]] = []
+    scheduler = Scheduler(
+        make_config(models, **top),
+        effects,
+        lambda name, **fields: records.append((name, fields)),
+        clock=clock,
+        wall=clock,
+    )
+    return scheduler, effects, clock, records
+
+
+def spec(s: Scheduler, name: str) -> ModelConfig:
+    return s.slots[name].spec
+
+
+async def settle() -> None:
+    """Let every runnable task take its next step (no time passes)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+AB = [{"name": "A", "vram_mb": 6000}, {"name": "B", "vram_mb": 6000}]
+
+
+async def test_acquire_loads_then_reuses() -> None:
+    s, fx, _, records = make(AB)
+    lease = await s.acquire(spec(s, "A"))
+    assert s.slots["A"].state is ModelState.READY
+    assert s.slots["A"].in_flight == 1
+    lease.release()
+    lease.release()  # idempotent
+    assert s.slots["A"].in_flight == 0
+    (await s.acquire(spec(s, "A"))).release()
+    assert fx.starts("A") == 1
+    statuses = [f["status"] for n, f in records if n == "A" and "status" in f]
+    assert statuses == ["loading", "loaded"]
+
+
+async def test_second_model_evicts_idle_first() -> None:
+    s, fx, _, _ = make(AB)
+    (await s.acquire(spec(s, "A"))).release()
+    (await s.acquire(spec(s, "B"))).release()
+    assert fx.log == [("start", "A"), ("stop", "A"), ("start", "B")]
+    assert s.slots["A"].state is ModelState.UNLOADED
+    assert s.slots["B"].state is ModelState.READY
+    assert s.used_vram_mb() == 6000
+    assert s.ports.leased == frozenset({s.slots["B"].port})
+
+
+async def test_concurrent_first_requests_share_one_load() -> None:
+    s, fx, _, _ = make(AB, auto=False)
+    tasks = [asyncio.create_task(s.acquire(spec(s, "A"))) for _ in range(50)]
+    await settle()
+    assert fx.starts() == 1
+    assert s.slots["A"].pending == 50  # all wait on the same load, none spawned again
+    fx.open("start:A")
+    leases = await asyncio.gather(*tasks)
+    assert fx.starts() == 1
+    assert s.slots["A"].in_flight == 50
+    for lease in leases:
+        lease.release()
+    assert s.slots["A"].in_flight == 0
+
+
+async def test_load_does_not_block_loaded_models() -> None:
+    s, fx, _, _ = make([{"name": "A", "vram_mb": 100}, {"name": "B", "vram_mb": 100}], auto=False)
+    first = asyncio.create_task(s.acquire(spec(s, "A")))
+    await settle()
+    fx.open("start:A")
+    (await first).release()
+    slow = asyncio.create_task(s.acquire(spec(s, "B")))
+    await settle()
+    assert s.slots["B"].state is ModelState.LOADING
+    lease = await asyncio.wait_for(s.acquire(spec(s, "A")), timeout=1)  # no await on B's load
+    lease.release()
+    assert not slow.done()
+    fx.open("start:B")
+    (await slow).release()
+
+
+async def test_busy_model_is_never_evicted_request_waits_then_runs() -> None:
+    s, fx, _, _ = make(AB)
+    a_lease = await s.acquire(spec(s, "A"))
+    b = asyncio.create_task(s.acquire(spec(s, "B")))
+    await settle()
+    assert not b.done()
+    assert s.queue_length() == 1
+    assert ("stop", "A") not in fx.log
+    a_lease.release()  # last byte of A's stream
+    b_lease = await asyncio.wait_for(b, timeout=1)
+    assert fx.log == [("start", "A"), ("stop", "A"), ("start", "B")]
+    b_lease.release()
+
+
+async def test_queue_timeout_gives_503_with_retry_after() -> None:
+    s, _fx, _, _ = make(AB, queue_timeout_seconds=0.05)
+    a_lease = await s.acquire(spec(s, "A"))
+    with pytest.raises(QueueTimeout) as info:
+        await s.acquire(spec(s, "B"))
+    assert info.value.status == 503
+    assert "Retry-After" in info.value.headers()
+    assert s.queue_length() == 0
+    assert s.slots["A"].state is ModelState.READY
+    a_lease.release()
+
+
+async def test_queue_is_fifo() -> None:
+    models = [{"name": n, "vram_mb": 6000} for n in "ABC"]
+    s, fx, _, _ = make(models)
+    a_lease = await s.acquire(spec(s, "A"))
+    b = asyncio.create_task(s.acquire(spec(s, "B")))
+    await settle()
+    c = asyncio.create_task(s.acquire(spec(s, "C")))
+    await settle()
+    assert s.queue_length() == 2
+    a_lease.release()
+    b_lease = await asyncio.wait_for(b, timeout=1)
+    await settle()
+    assert not c.done()  # B is busy now; C waits for it
+    b_lease.release()
+    (await asyncio.wait_for(c, timeout=1)).release()
+    assert [n for op, n in fx.log if op == "start"] == ["A", "B", "C"]
+
+
+async def test_cancelled_waiter_leaves_the_queue() -> None:
+    s, fx, _, _ = make(AB)
+    a_lease = await s.acquire(spec(s, "A"))
+    b = asyncio.create_task(s.acquire(spec(s, "B")))
+    await settle()
+    b.cancel()
+    await settle()
+    assert s.queue_length() == 0
+    a_lease.release()
+    await settle()
+    assert fx.starts("B") == 0
+
+
+async def test_pinned_models_make_it_impossible() -> None:
+    s, _fx, _, _ = make(
+        [{"name": "A", "vram_mb": 6000, "pinned": True}, {"name": "B", "vram_mb": 6000}]
+    )
+    (await s.acquire(spec(s, "A"))).release()
+    with pytest.raises(InsufficientVRAM, match="pinned"):
+        await s.acquire(spec(s, "B"))
+    assert s.slots["A"].state is ModelState.READY
+
+
+async def test_lifo_and_lru_choose_different_victims() -> None:
+    models = [{"name": n, "vram_mb": 3000} for n in "ABC"]
+    for policy, victim in (("lru", "A"), ("lifo", "B")):  # DynLLM's LIFO kept the older A
+        s, fx, clock, _ = make(models, eviction_policy=policy)
+        (await s.acquire(spec(s, "A"))).release()
+        clock.now += 1
+        (await s.acquire(spec(s, "B"))).release()
+        clock.now += 1
+        (await s.acquire(spec(s, "B"))).release()  # A used least recently, B loaded last
+        clock.now += 1
+        (await s.acquire(spec(s, "C"))).release()
+        stops = [n for op, n in fx.log if op == "stop"]
+        assert stops == [victim], policy
+
+
+async def test_failed_load_reaches_every_waiter_and_frees_everything() -> None:
+    s, fx, _, _records = make(AB, auto=False)
+    fx.fail_next["A"] = BackendExited("exited with 1", exit_code=1, stderr_tail=["boom"])
+    tasks = [asyncio.create_task(s.acquire(spec(s, "A"))) for _ in range(3)]
+    await settle()
+    fx.open("start:A")
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, BackendExited) for r in results)
+    slot = s.slots["A"]
+    assert slot.state is ModelState.UNLOADED
+    assert slot.last_error == "exited with 1"
+    assert s.used_vram_mb() == 0
+    assert s.ports.leased == frozenset()
+    # The next request tries again.
+    fx.auto = True
+    (await s.acquire(spec(s, "A"))).release()
+    assert fx.starts("A") == 2
+
+
+async def test_port_taken_retries_on_another_port() -> None:
+    s, fx, _, _ = make(AB)
+    fx.fail_next["A"] = PortTaken(41000)
+    lease = await s.acquire(spec(s, "A"))
+    assert fx.starts("A") == 2
+    first_port = 41000
+    assert lease.port != first_port
+    lease.release()
+
+
+async def test_crash_while_loaded_releases_and_next_request_restarts() -> None:
+    s, fx, _, records = make(AB)
+    lease = await s.acquire(spec(s, "A"))
+    fx.handles["A"].crash(code=-9)
+    slot = s.slots["A"]
+    assert slot.state is ModelState.UNLOADED
+    assert "exited unexpectedly with code -9" in (slot.last_error or "")
+    assert s.used_vram_mb() == 0 and s.ports.leased == frozenset()
+    lease.release()  # the old lease is stale: no negative counts
+    assert slot.in_flight == 0
+    (await s.acquire(spec(s, "A"))).release()
+    assert fx.starts("A") == 2
+    assert any(
+        f.get("last_error", "").startswith("backend exited")
+        for n, f in records
+        if f.get("last_error")
+    )
+
+
+async def test_idle_unload_respects_timeouts_leases_and_never() -> None:
+    models = [
+        {"name": "A", "vram_mb": 10, "unload_time": 2},
+        {"name": "B", "vram_mb": 10, "unload_time": -1},
+        {"name": "C", "vram_mb": 10},
+    ]
+    s, _fx, clock, _ = make(models, idle_timeout_seconds=50)
+    for name in "ABC":
+        (await s.acquire(spec(s, name))).release()
+    held = await s.acquire(spec(s, "C"))
+    clock.now += 1.9
+    assert await s.unload_idle() == []
+    clock.now += 0.2
+    assert await s.unload_idle() == ["A"]
+    clock.now += 1000
+    assert await s.unload_idle() == []  # B never; C is serving a request
+    held.release()  # idle counts from the end of the last response
+    assert await s.unload_idle() == []
+    clock.now += 50
+    assert await s.unload_idle() == ["C"]
+    assert s.slots["B"].state is ModelState.READY
+
+
+async def test_manual_unload_refuses_busy_unless_forced() -> None:
+    s, _fx, _, _ = make(AB)
+    lease = await s.acquire(spec(s, "A"))
+    with pytest.raises(ModelBusy):
+        await s.unload(spec(s, "A"))
+    assert await s.unload(spec(s, "A"), force=True) is True
+    assert s.slots["A"].state is ModelState.UNLOADED
+    lease.release()
+    assert s.slots["A"].in_flight == 0
+    assert await s.unload(spec(s, "A")) is False
+
+
+async def test_unload_during_load_cancels_it() -> None:
+    s, _fx, _, _ = make(AB, auto=False)
+    waiter = asyncio.create_task(s.acquire(spec(s, "A")))
+    await settle()
+    assert await s.unload(spec(s, "A")) is True
+    with pytest.raises(Exception, match="cancelled"):
+        await waiter
+    assert s.slots["A"].state is ModelState.UNLOADED
+    assert s.ports.leased == frozenset()
+
+
+async def test_request_during_unload_waits_then_reloads() -> None:
+    s, fx, _, _ = make(AB, auto=False)
+    t = asyncio.create_task(s.acquire(spec(s, "A")))
+    await settle()
+    fx.open("start:A")
+    (await t).release()
+    unload = asyncio.create_task(s.unload(spec(s, "A")))
+    await settle()
+    assert s.slots["A"].state is ModelState.UNLOADING
+    again = asyncio.create_task(s.acquire(spec(s, "A")))
+    await settle()
+    assert not again.done()
+    fx.open("stop:A")
+    await unload
+    await settle()
+    fx.open("start:A")
+    (await asyncio.wait_for(again, timeout=1)).release()
+    assert fx.starts("A") == 2
+
+
+async def test_shutdown_stops_everything_and_rejects_new_work() -> None:
+    s, fx, _, _ = make([{"name": "A", "vram_mb": 10}, {"name": "B", "vram_mb": 10}])
+    (await s.acquire(spec(s, "A"))).release()
+    (await s.acquire(spec(s, "B"))).release()
+    await s.shutdown()
+    assert sorted(n for op, n in fx.log if op == "stop") == ["A", "B"]
+    assert all(slot.state is ModelState.UNLOADED for slot in s.slots.values())
+    with pytest.raises(Exception, match="shutting down"):
+        await s.acquire(spec(s, "A"))
