@@ -55,9 +55,7 @@ SIGTERM and SIGINT end the process at once with exit code 0, open connections or
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -65,13 +63,11 @@ import re
 import select
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 START = time.monotonic()
 PID = os.getpid()
@@ -84,13 +80,14 @@ _LOG_LOCK = threading.Lock()
 # --------------------------------------------------------------------------- logging
 
 
-def log(message: str) -> None:
+def log(message: str, *, tagged: bool = True) -> None:
     """Write one line to stderr; never raise (the parent may have closed the pipe)."""
     stream = sys.stderr
     if stream is None:
         return
+    line = f"fake-llama-server[{PID}] {message}\n" if tagged else f"{message}\n"
     with _LOG_LOCK, contextlib.suppress(OSError, ValueError):
-        stream.write(f"fake-llama-server[{PID}] {message}\n")
+        stream.write(line)
         stream.flush()
 
 
@@ -112,8 +109,7 @@ def write_spam(count: int) -> None:
 # --------------------------------------------------------------------------- config
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(NamedTuple):
     model: str
     host: str
     port: int
@@ -161,7 +157,7 @@ def parse_args(argv: list[str]) -> tuple[Config, list[str]]:
         description="Fake llama-server for dynllm tests.",
         allow_abbrev=False,
     )
-    known: set[str] = set()
+    known: set[str] = {"-h", "--help"}
 
     def add(*names: str, **kwargs: Any) -> None:
         known.update(names)
@@ -346,6 +342,8 @@ def as_text(value: Any) -> str:
 
 def embed(text: str) -> list[float]:
     """A unit-length vector derived from the text's SHA-256."""
+    import hashlib  # imported lazily: startup time matters more than style here
+
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     raw = [(byte - 127.5) / 127.5 for byte in digest[:EMBEDDING_DIM]]
     norm = math.sqrt(sum(v * v for v in raw)) or 1.0
@@ -572,6 +570,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         else:
             raise RequestError(400, '"input" must be provided', "invalid_request_error")
         use_base64 = body.get("encoding_format") == "base64"
+        if use_base64:
+            import base64
+            import struct
         data = []
         for index, item in enumerate(inputs):
             vector = embed(as_text(item))
@@ -775,11 +776,14 @@ def _exit_now(signum: int, _frame: Any) -> None:
 
 
 def _fail_load(code: int, model: str) -> NoReturn:
-    log(f"srv    load_model: loading model '{model}'")
-    log("gguf_init_from_file: fake tensor data checksum mismatch")
-    log("llama_model_load: error loading model: fake load failure: model file is corrupt")
-    log("error: fake load failure: model file is corrupt")
-    log("srv  llama_server: exiting due to model loading error")
+    for line in (
+        f"srv    load_model: loading model '{model}'",
+        "gguf_init_from_file: fake tensor data checksum mismatch",
+        "llama_model_load: error loading model: fake load failure: model file is corrupt",
+        "error: fake load failure: model file is corrupt",
+        "srv  llama_server: exiting due to model loading error",
+    ):
+        log(line, tagged=False)
     os._exit(code)
 
 
@@ -799,7 +803,7 @@ def main(argv: list[str] | None = None) -> None:
 
     log(f"starting: alias={config.alias} model={config.model!r} {config.host}:{config.port}")
     if ignored:
-        log(f"ignoring arguments: {' '.join(ignored)}")
+        log(f"ignoring unsupported arguments: {' '.join(ignored)}")
 
     bind_error = "--fake-bind-fail" if config.bind_fail else ""
     server: FakeServer | None = None

@@ -1,0 +1,114 @@
+"""Backend adapters: exact command lines, environment hygiene, routes. Pure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dynllm.backends import ADAPTERS, adapter_for, command_line
+from dynllm.backends.base import MARKER_ENV, MODEL_ENV, rewrite_json_model
+from dynllm.config import BackendName, parse_config
+from dynllm.registry import SERVES, ApiFamily
+
+
+def config_with(**model: Any) -> Any:
+    base = {"name": "m", "path": "/models/m", "vram_mb": 10, "backend": "llamacpp"}
+    return parse_config(
+        {"enabled_backends": [b.value for b in BackendName], "models": [{**base, **model}]}
+    )
+
+
+def argv(**model: Any) -> list[str]:
+    config = config_with(**model)
+    return command_line(config, config.models[0], 9123)
+
+
+def test_llamacpp_llm_command() -> None:
+    assert argv(context_size=2048, n_gpu_layers=20, extra_args=["-t", 2]) == [
+        "llama-server", "-m", "/models/m", "--host", "127.0.0.1", "--port", "9123",
+        "-c", "2048", "-ngl", "20", "--alias", "m", "-t", "2",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("model_type", "flags"),
+    [("embedding", ["--embeddings", "--pooling", "mean"]), ("rerank", ["--reranking"])],
+)
+def test_llamacpp_embedding_and_rerank_flags(model_type: str, flags: list[str]) -> None:
+    line = argv(model_type=model_type)
+    assert line[-len(flags) :] == flags
+
+
+def test_ovms_command_per_task() -> None:
+    line = argv(
+        backend="openvino", model_type="transcription", target_device="GPU", ovms_shape="auto"
+    )
+    assert line[:3] == ["ovms", "--rest_port", "9123"]
+    assert line[line.index("--rest_bind_address") + 1] == "127.0.0.1"
+    assert line[line.index("--port") + 1] == "0"
+    assert line[line.index("--task") + 1] == "speech2text"
+    assert line[line.index("--target_device") + 1] == "GPU"
+    assert line[line.index("--model_name") + 1] == "m"
+    assert line[line.index("--shape") + 1] == "auto"
+    assert "--task" not in argv(backend="openvino", model_type="classification")
+
+
+def test_transformers_command_and_model_rewrite() -> None:
+    line = argv(
+        backend="transformers", device="cuda", dtype="bfloat16", quantization="bnb-4bit",
+        trust_remote_code=True, compile_model=True, continuous_batching=True,
+        attn_implementation="sdpa", model_timeout=300, revision="abc",
+    )  # fmt: skip
+    assert line[:3] == ["transformers", "serve", "/models/m@abc"]
+    expected = [("--device", "cuda"), ("--dtype", "bfloat16"), ("--quantization", "bnb-4bit"),
+                ("--attn-implementation", "sdpa"), ("--model-timeout", "300")]  # fmt: skip
+    for flag, value in expected:
+        assert line[line.index(flag) + 1] == value
+    for flag in ("--trust-remote-code", "--compile", "--continuous-batching"):
+        assert flag in line
+    assert "--quantization" not in argv(backend="transformers", quantization="none")
+    config = config_with(backend="transformers", revision="abc")
+    spec = config.models[0]
+    assert adapter_for(spec).rewrite_model(spec, Path("/models/m")) == "/models/m@abc"
+
+
+def test_vllm_command() -> None:
+    line = argv(backend="vllm", context_size=8192)
+    assert line[:3] == ["vllm", "serve", "/models/m"]
+    assert line[line.index("--served-model-name") + 1] == "m"
+    assert line[line.index("--max-model-len") + 1] == "8192"
+
+
+def test_environment_is_scrubbed_then_model_env_applied() -> None:
+    config = config_with(env={"HF_HOME": "/cache", "CUDA_VISIBLE_DEVICES": "1"})
+    spec = config.models[0]
+    inherited = {
+        "PATH": "/usr/bin", "LLAMA_ARG_PORT": "1", "LLAMA_API_KEY": "k", "API_KEY": "k",
+        "VLLM_PORT": "2", "HF_TOKEN": "t", "HF_HOME": "/old", "OVMS_X": "y", "HOME": "/root",
+    }  # fmt: skip
+    env = adapter_for(spec).env(inherited, spec, "marker")
+    assert env == {
+        "PATH": "/usr/bin", "HOME": "/root", "HF_HOME": "/cache", "CUDA_VISIBLE_DEVICES": "1",
+        MARKER_ENV: "marker", MODEL_ENV: "m",
+    }  # fmt: skip
+
+
+def test_every_route_an_adapter_claims_is_one_its_types_serve() -> None:
+    families = set().union(*SERVES.values())
+    for adapter in ADAPTERS.values():
+        assert set(adapter.routes) <= families
+    assert ADAPTERS[BackendName.LLAMACPP].routes[ApiFamily.CHAT] == "/v1/chat/completions"
+
+
+def test_bind_failure_detection() -> None:
+    llama = ADAPTERS[BackendName.LLAMACPP]
+    assert llama.is_bind_failure(["main: couldn't bind HTTP server socket, hostname: 127.0.0.1"])
+    assert not llama.is_bind_failure(["error: failed to load model"])
+
+
+def test_rewrite_json_model_keeps_bytes_when_unchanged() -> None:
+    body = b'{"model": "x",  "a": 1}'
+    assert rewrite_json_model(body, {"model": "x", "a": 1}, "x") is body
+    assert rewrite_json_model(body, {"model": "alias", "a": 1}, "x") == b'{"model": "x", "a": 1}'
