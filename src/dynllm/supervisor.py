@@ -194,18 +194,32 @@ class BackendProcess:
                     f"backend for '{self.name}' was not ready within {timeout:g} s "
                     "(load_timeout_seconds)"
                 )
-            with contextlib.suppress(httpx.HTTPError):
-                response = await client.get(url, timeout=min(5.0, max(remaining, 0.05)))
-                if response.status_code == 200:
-                    if self.exited.is_set():
-                        raise self._exit_error("while loading")
-                    self._move(ProcState.READY)
-                    return
+            if await self._probe(client, url, timeout=min(5.0, max(remaining, 0.05))):
+                self._move(ProcState.READY)
+                return
             # Sleep one interval, but wake at once if the process exits.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self.exited.wait(), timeout=min(interval, max(deadline - time.monotonic(), 0))
                 )
+
+    async def _probe(self, client: httpx.AsyncClient, url: str, timeout: float) -> bool:
+        """One readiness request, abandoned at once if the process exits meanwhile
+        (a squatter on the port might never answer)."""
+        request = asyncio.ensure_future(client.get(url, timeout=timeout))
+        exit_wait = asyncio.ensure_future(self.exited.wait())
+        try:
+            await asyncio.wait({request, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exit_wait.cancel()
+            if not request.done():
+                request.cancel()
+        if self.exited.is_set():
+            raise self._exit_error("while loading")
+        try:
+            return request.result().status_code == 200
+        except (httpx.HTTPError, asyncio.CancelledError):
+            return False
 
     # ---- stop ---------------------------------------------------------------
     async def stop(self, grace: float) -> None:
