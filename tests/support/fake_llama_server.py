@@ -66,6 +66,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple, NoReturn
 
@@ -753,7 +754,7 @@ class FakeHandler(BaseHTTPRequestHandler):
             self.state.stream_finished(completed=completed)
 
 
-_ROUTES: dict[tuple[str, str], Any] = {}
+_ROUTES: dict[tuple[str, str], Callable[[FakeHandler, bytes], None]] = {}
 for _path in ("/health", "/v1/health"):
     _ROUTES["GET", _path] = FakeHandler.route_health
 for _path in ("/v1/models", "/models"):
@@ -771,7 +772,7 @@ for _path in ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking"):
 # --------------------------------------------------------------------------- main
 
 
-def _exit_now(signum: int, _frame: Any) -> None:
+def _exit_now(_signum: int, _frame: Any) -> None:
     os._exit(0)
 
 
@@ -822,6 +823,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
     state = server.state
+    if config.port == 0:  # report the port the kernel picked
+        config = config._replace(port=server.server_address[1])
+        state.config = config
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log(f"main: server is listening on http://{config.host}:{config.port} - loading model")
     if config.exit_during_load is not None:
