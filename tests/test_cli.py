@@ -239,10 +239,9 @@ def test_version(tmp_path: Path) -> None:
     assert result.stdout.strip() == f"dynllm {__version__}"
 
 
-# ---- known bug (strict xfail: it fails loudly once config.py is fixed) ---------
+# ---- content that once escaped load_config with a traceback ----
 
 
-@pytest.mark.xfail(strict=True, reason="an exception escapes load_config: traceback, exit 1")
 @pytest.mark.parametrize(
     "content",
     [

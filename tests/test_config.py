@@ -700,10 +700,9 @@ def test_config_is_immutable(tmp_path: Path) -> None:
         config.models[0].vram_mb = 1  # type: ignore[misc]
 
 
-# ---- known bugs in src/dynllm/config.py (strict: they fail loudly once fixed) ---
+# ---- content that once escaped load_config or was silently accepted ----
 
 
-@pytest.mark.xfail(strict=True, reason="UnicodeDecodeError escapes load_config")
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_bytes(b"\xff\xfe\x00 not text")
@@ -711,11 +710,6 @@ def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a str: float()'s message is glued onto the key with a '.'; "
-    "a list or mapping: TypeError escapes load_config",
-)
 @pytest.mark.parametrize(
     ("data", "key"),
     [
@@ -731,7 +725,6 @@ def test_non_numeric_timeout_names_the_key(tmp_path: Path, data: Any, key: str) 
     assert names_key(message, key), message
 
 
-@pytest.mark.xfail(strict=True, reason="NaN is accepted; the model then never unloads")
 @pytest.mark.parametrize("literal", [".nan", "nan"])
 def test_nan_unload_time_is_an_error(tmp_path: Path, literal: str) -> None:
     with pytest.raises(ConfigError):

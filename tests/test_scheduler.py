@@ -405,3 +405,11 @@ async def test_shutdown_stops_everything_and_rejects_new_work() -> None:
     assert all(slot.state is ModelState.UNLOADED for slot in s.slots.values())
     with pytest.raises(Exception, match="shutting down"):
         await s.acquire(spec(s, "A"))
+
+
+async def test_pinned_model_is_not_idle_unloaded() -> None:
+    s, _fx, clock, _ = make([{"name": "P", "vram_mb": 10, "pinned": True, "unload_time": 1}])
+    (await s.acquire(spec(s, "P"))).release()
+    clock.now += 10_000
+    assert await s.unload_idle() == []
+    assert await s.unload(spec(s, "P")) is True  # by hand only

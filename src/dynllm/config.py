@@ -96,18 +96,26 @@ class BackendSettings(_Strict):
 
 def _timeout_seconds(value: Any) -> float | None:
     """``-1``, ``inf`` and ``"inf"`` mean never; ``None`` means use the global one."""
+    allowed = "must be -1/inf (never) or a number of seconds >= 0"
     if value is None:
         return None
     if isinstance(value, str):
         text = value.strip().lower()
         if text in {"inf", "infinity", "-1", "never"}:
             return math.inf
-        value = float(text)
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{allowed}, not {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{allowed}, not {value!r}")
     number = float(value)
+    if math.isnan(number):
+        raise ValueError(f"{allowed}, not NaN")
     if number == -1 or math.isinf(number):
         return math.inf
     if number < 0:
-        raise ValueError("must be -1/inf (never) or a number of seconds >= 0")
+        raise ValueError(allowed)
     return number
 
 
@@ -278,7 +286,7 @@ def _readable(error: ValidationError, data: Any) -> str:
         elif err["type"] == "enum" and loc and loc[-1] == "backend":
             message = f"unknown backend '{err.get('input')}': {message}"
         where = _format_location(loc, data)
-        own_key = re.match(r"^([\w\[\]().' ]+): ", message)
+        own_key = re.match(r"^[A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*(?: \('[^']*'\))?: ", message)
         if own_key and not loc:  # cross-field checks name their own key
             lines.append(message)
         elif own_key and err["type"] == "value_error":
@@ -309,6 +317,10 @@ def load_config(path: str | Path) -> Config:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"cannot read config file {file}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

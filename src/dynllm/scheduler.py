@@ -487,6 +487,7 @@ class Scheduler:
             for s in self.slots.values()
             if s.state is ModelState.READY
             and not s.busy
+            and not s.spec.pinned  # pinned: only unloaded by hand
             and not math.isinf(timeout := self.config.unload_after(s.spec))
             and now - s.last_used >= timeout
         ]
