@@ -21,6 +21,7 @@ import yaml
 from dynllm.app import create_app, instance_marker
 from dynllm.backends.base import MARKER_ENV
 from dynllm.config import Config, load_config
+from dynllm.ports import port_is_free
 from tests.support.tiny_gguf import write_tiny_embedding, write_tiny_llama
 
 FAKE_SERVER = Path(__file__).parent / "support" / "fake_llama_server.py"
@@ -39,18 +40,9 @@ def free_port_range(size: int) -> tuple[int, int]:
         start = free_port()
         if start + size > 65535:
             continue
-        if all(_binds(p) for p in range(start, start + size)):
+        if all(port_is_free(p) for p in range(start, start + size)):
             return start, start + size - 1
     raise RuntimeError("no free port window")
-
-
-def _binds(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def llama_server_binary() -> str:
