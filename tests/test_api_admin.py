@@ -42,7 +42,7 @@ async def test_admin_view_load_unload_and_logs(make_config: ConfigFactory) -> No
         assert logs.status_code == 200 and 0 < len(logs.json()["lines"]) <= 5
 
         assert (await app.client.post("/admin/models/load", json={"model": "B"})).status_code == 200
-        r = await app.client.post("/admin/models/unload-all")
+        r = await app.client.post("/admin/models/unload-all", json={"force": True})
         assert sorted(r.json()["unloaded"]) == ["A", "B"]  # pinned models unload by hand
         assert await app.spawned_pids() == []
 
@@ -61,6 +61,8 @@ async def test_admin_unload_busy_model_needs_force(make_config: ConfigFactory) -
             assert r.status_code == 409 and r.json()["error"]["code"] == "model_busy"
             r = await app.client.post("/admin/models/unload-all")
             assert r.json() == {"unloaded": [], "busy": ["A"]}
+            r = await app.client.post("/admin/models/unload-all", json={"force": "yes"})
+            assert r.status_code == 400
             r = await app.client.post("/admin/models/unload", json={"model": "A", "force": True})
             assert r.status_code == 200 and r.json()["status"] == "unloaded"
             rest = [line async for line in lines if line.startswith("data: ")]

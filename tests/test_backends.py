@@ -74,6 +74,15 @@ def test_transformers_command_and_model_rewrite() -> None:
     assert adapter_for(spec).rewrite_model(spec, Path("/models/m")) == "/models/m@abc"
 
 
+def test_ovms_and_vllm_insist_on_the_served_name() -> None:
+    for backend in ("openvino", "vllm"):
+        config = config_with(backend=backend, aliases=["nick"])
+        spec = config.models[0]
+        assert adapter_for(spec).rewrite_model(spec, Path("/models/m")) == "m"
+    llama = config_with(aliases=["nick"]).models[0]
+    assert adapter_for(llama).rewrite_model(llama, Path("/models/m")) is None  # ignores `model`
+
+
 def test_vllm_command() -> None:
     line = argv(backend="vllm", context_size=8192)
     assert line[:3] == ["vllm", "serve", "/models/m"]

@@ -255,3 +255,20 @@ def test_unexpected_content_exits_2(tmp_path: Path, content: bytes) -> None:
     result = run_cli(tmp_path, "--check-config", "config.yaml")
     assert result.returncode == EXIT_CONFIG
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "names"),
+    [
+        ({"DYNLLM_LOG_LEVEL": "loud"}, [], "DYNLLM_LOG_LEVEL"),
+        ({"DYNLLM_PORT": "eighty"}, [], "DYNLLM_PORT"),
+        ({}, ["--log-level", "loud"], "--log-level"),
+    ],
+)
+def test_bad_overrides_exit_2_without_traceback(
+    tmp_path: Path, env: dict[str, str], args: list[str], names: str
+) -> None:
+    result = run_cli(tmp_path, *args, env=env)
+    assert result.returncode == EXIT_CONFIG
+    assert names in result.stderr
+    assert "Traceback" not in result.stderr

@@ -187,6 +187,7 @@ def test_sigkill_leaves_no_backend_and_restart_recovers(
         admin = {m["name"]: m for m in http.get("/admin/models").json()["models"]}
         assert admin["tiny"]["status"] == "unloaded" and admin["tiny2"]["status"] == "unloaded"
         assert admin["tiny"]["pid"] is None and admin["tiny2"]["pid"] is None
+        assert admin["tiny"]["load_count"] == 1  # history survives the restart
         r = http.post(
             "/v1/chat/completions", json={"model": "tiny", "messages": [], "max_tokens": 2}
         )

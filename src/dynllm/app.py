@@ -69,6 +69,7 @@ def create_app(config: Config) -> FastAPI:
         probe_client = httpx.AsyncClient(trust_env=False)
         effects = ProcessEffects(config, marker, probe_client)
         scheduler = Scheduler(config, effects, store.record)
+        scheduler.restore(await store.rows())
         app.state.services = Services(config, Registry(config), scheduler, store, effects, client)
         jobs = AsyncIOScheduler()
         jobs.add_job(

@@ -7,7 +7,9 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import Literal
 
+from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dynllm import __version__
@@ -24,11 +26,29 @@ class EnvSettings(BaseSettings):
     config: Path = Path("config.yaml")
     host: str | None = None
     port: int | None = None
-    log_level: str | None = None
+    log_level: Literal["debug", "info", "warning", "error", "critical"] | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _env_settings() -> EnvSettings:
+    try:
+        return EnvSettings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            name = f"DYNLLM_{str(err['loc'][0]).upper()}" if err["loc"] else "DYNLLM_*"
+            print(f"dynllm: invalid environment variable {name}: {err['msg']}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    env = EnvSettings()
+    env = _env_settings()
     parser = argparse.ArgumentParser(
         prog="dynllm",
         description="OpenAI-compatible proxy that starts and stops local inference backends.",
@@ -37,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="config file (default: $DYNLLM_CONFIG or ./config.yaml)")  # fmt: skip
     parser.add_argument("--host", default=env.host, help="override server.host")
     parser.add_argument("--port", type=int, default=env.port, help="override server.port")
-    parser.add_argument("--log-level", default=env.log_level, help="override log_level")
+    parser.add_argument("--log-level", default=env.log_level, type=str.lower, choices=LOG_LEVELS,
+                        help="override log_level")  # fmt: skip
     parser.add_argument("--check-config", type=Path, metavar="PATH",
                         help="validate PATH, print each model's command line, exit")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"dynllm {__version__}")
@@ -81,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     if level != "DEBUG":  # one line per upstream request / job run is noise
         for noisy in ("httpx", "httpcore", "apscheduler"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    else:  # debug is for dynllm and its backends; the SQLite driver logs every statement
+        for noisy in ("aiosqlite",):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
     import uvicorn
 
@@ -89,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(
         create_app(config),
         host=args.host or config.server.host,
-        port=args.port or config.server.port,
+        port=config.server.port if args.port is None else args.port,
         log_level=level.lower(),
         timeout_graceful_shutdown=int(config.stop_timeout_seconds) + 5,
         access_log=level == "DEBUG",

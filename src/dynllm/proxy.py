@@ -62,8 +62,15 @@ def make_client(config: Config, *, max_connections: int = 1024) -> httpx.AsyncCl
     )
 
 
-def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(k, v) for k, v in raw if k.lower().decode("latin-1") not in HOP_BY_HOP]
+def request_headers(
+    raw: Iterable[tuple[bytes, bytes]], content_type: bytes | None = None
+) -> list[tuple[bytes, bytes]]:
+    """Client headers minus hop-by-hop ones; ``content_type`` replaces the client's."""
+    drop = HOP_BY_HOP | {"content-type"} if content_type else HOP_BY_HOP
+    headers = [(k, v) for k, v in raw if k.lower().decode("latin-1") not in drop]
+    if content_type:
+        headers.append((b"content-type", content_type))
+    return headers
 
 
 def response_headers(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
@@ -137,11 +144,14 @@ async def forward(
     body: bytes,
     headers: Iterable[tuple[bytes, bytes]],
     query: bytes = b"",
+    content_type: bytes | None = None,
 ) -> UpstreamResponse:
     """Send the request; the returned response owns the lease from here on."""
     url = lease.base_url + path + ("?" + query.decode("latin-1") if query else "")
     try:
-        request = client.build_request(method, url, content=body, headers=request_headers(headers))
+        request = client.build_request(
+            method, url, content=body, headers=request_headers(headers, content_type)
+        )
         upstream = await client.send(request, stream=True)
     except httpx.HTTPError as exc:
         lease.release()

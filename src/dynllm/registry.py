@@ -62,7 +62,7 @@ class Registry:
         model = self.get(label)
         if family not in SERVES[model.model_type]:
             raise WrongModelType(
-                f"The model '{label}' is a {model.model_type.value} model and does not serve "
-                f"{family.value} requests"
+                f"The model '{label}' has model_type '{model.model_type.value}' and does not "
+                f"serve {family.value} requests"
             )
         return model

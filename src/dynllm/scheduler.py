@@ -190,6 +190,15 @@ class Scheduler:
         self._closing = False
         self._unloads: set[asyncio.Task[None]] = set()
 
+    def restore(self, rows: dict[str, dict[str, Any]]) -> None:
+        """Carry the history a previous run left in the state file (after
+        reconciliation): cumulative load counts and the last error."""
+        for name, row in rows.items():
+            slot = self.slots.get(name)
+            if slot is not None:
+                slot.load_count = int(row.get("load_count") or 0)
+                slot.last_error = row.get("last_error")
+
     # ---- transitions -------------------------------------------------------------
     def _move(self, slot: Slot, new: ModelState, **fields: Any) -> None:
         if new not in _EDGES[slot.state]:

@@ -98,7 +98,14 @@ async def admin_unload(request: Request) -> dict[str, Any]:
 
 @router.post("/admin/models/unload-all")
 async def admin_unload_all(request: Request, force: bool = False) -> dict[str, Any]:
+    """``force`` as a query parameter or in an optional JSON body ``{"force": true}``."""
     services = _services(request)
+    raw = await request.body()
+    if raw.strip():
+        body = parse_json_object(raw)
+        if not isinstance(body.get("force", False), bool) or set(body) - {"force"}:
+            raise BadRequest('The body may only hold {"force": true|false}')
+        force = force or bool(body.get("force", False))
     unloaded, busy = [], []
     for spec in services.registry:
         try:

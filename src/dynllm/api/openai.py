@@ -80,6 +80,7 @@ def _json_dispatcher(route: JsonRoute) -> Any:
                 body,
                 request.headers.raw,
                 request.scope.get("query_string", b""),
+                content_type=b"application/json",  # the body was checked to be JSON
             )
         except DynllmError as exc:
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from dynllm.backends.base import Adapter, Launch
@@ -49,6 +50,9 @@ class Ovms(Adapter):
         if m.ovms_shape:
             args += ["--shape", m.ovms_shape]
         return args + list(m.extra_args)
+
+    def rewrite_model(self, model: ModelConfig, launch_path: Path) -> str | None:
+        return model.name  # OVMS answers 404 for any name but the one it serves
 
     def probe(self, model: ModelConfig) -> str:
         # /v2/health/ready only says the config is parsed; the model-level
