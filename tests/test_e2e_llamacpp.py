@@ -180,7 +180,9 @@ def test_sigkill_leaves_no_backend_and_restart_recovers(
         proc.wait(5)
         killed = time.monotonic()
         poll(lambda: not backends_with_marker({instance_marker(config)}), 2.0, 0.02)
-        assert time.monotonic() - killed <= 2.0
+        gone_after = time.monotonic() - killed
+        print(f"both llama-server backends gone {gone_after * 1000:.0f} ms after kill -9 of dynllm")
+        assert gone_after <= 2.0
 
         dynllm_process(path)
         poll(lambda: _up(http), 30)
