@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from dynllm import __version__
 from dynllm.api import admin, openai
@@ -50,7 +51,25 @@ def instance_marker(config: Config) -> str:
     return hashlib.sha256(str(config.db_file.resolve()).encode()).hexdigest()[:16]
 
 
-def create_app(config: Config) -> FastAPI:
+class Front:
+    """The ASGI app uvicorn runs: forwarding routes straight to their dispatcher
+    (the hot path skips FastAPI's middleware and router), everything else,
+    lifespan included, to FastAPI."""
+
+    def __init__(self, api: FastAPI) -> None:
+        self.api = api
+        self.state = api.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            route = openai.BY_PATH.get(scope["path"])
+            if route is not None:
+                await openai.serve_forwarding(self.state.services, route, scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+
+def create_app(config: Config) -> Front:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         marker = instance_marker(config)
@@ -107,7 +126,7 @@ def create_app(config: Config) -> FastAPI:
     install_error_handlers(app)
     openai.install(app)
     admin.install(app)
-    return app
+    return Front(app)
 
 
 def install_error_handlers(app: FastAPI) -> None:

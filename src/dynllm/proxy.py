@@ -9,12 +9,12 @@ error event in the OpenAI shape.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 
-import anyio
 import httpx
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from dynllm.config import Config
 from dynllm.errors import BackendError, MidStreamFailure
@@ -87,8 +87,10 @@ def response_headers(headers: httpx.Headers) -> list[tuple[bytes, bytes]]:
 class UpstreamResponse:
     """An ASGI response that relays an upstream httpx response chunk by chunk.
 
-    It watches for the client's disconnect while streaming, so an abandoned
-    generation is cancelled upstream at once rather than at the next write.
+    For event streams it also watches for the client's disconnect, so an
+    abandoned generation is cancelled upstream at once rather than at the
+    next write (a backend may think for a long time before its next token).
+    Other responses notice a vanished client when a write fails.
     """
 
     def __init__(self, upstream: httpx.Response, lease: Lease) -> None:
@@ -97,20 +99,33 @@ class UpstreamResponse:
         self.is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher: asyncio.Task[None] | None = None
+        gone = False
         try:
-            async with anyio.create_task_group() as tg:
+            if self.is_sse:
+                relay = asyncio.current_task()
+                assert relay is not None
 
                 async def watch_disconnect() -> None:
-                    while True:
-                        message: Message = await receive()
-                        if message["type"] == "http.disconnect":
-                            tg.cancel_scope.cancel()
-                            return
+                    nonlocal gone
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    gone = True
+                    relay.cancel()
 
-                tg.start_soon(watch_disconnect)
-                await self._relay(send)
-                tg.cancel_scope.cancel()
+                watcher = asyncio.create_task(watch_disconnect())
+            await self._relay(send)
+        except asyncio.CancelledError:
+            if not gone:
+                raise  # not ours: shutdown or the server cancelled us
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+        except OSError:
+            pass  # the client went away between writes
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await self.upstream.aclose()
             self.lease.release()
 

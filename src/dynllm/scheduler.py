@@ -189,6 +189,7 @@ class Scheduler:
         self._seq = 0
         self._closing = False
         self._unloads: set[asyncio.Task[None]] = set()
+        self._used: set[Slot] = set()
 
     def restore(self, rows: dict[str, dict[str, Any]]) -> None:
         """Carry the history a previous run left in the state file (after
@@ -348,7 +349,7 @@ class Scheduler:
         slot.in_flight -= 1
         slot.last_used = self._clock()
         slot.last_used_wall = self._wall()
-        self._persist(slot.name, last_used=slot.last_used_wall)
+        self._used.add(slot)  # written by flush_usage(), not per request
         if slot.in_flight == 0:
             self._pump()
 
@@ -489,6 +490,14 @@ class Scheduler:
         await self._begin_unload(slot, "unloaded by request")
         return True
 
+    def flush_usage(self) -> None:
+        """Persist ``last_used`` of models used since the last call.  Called by
+        the periodic job: one write per model per period instead of one per
+        request keeps SQLite (and its thread) off the hot path."""
+        for slot in self._used:
+            self._persist(slot.name, last_used=slot.last_used_wall)
+        self._used.clear()
+
     def idle_victims(self) -> list[Slot]:
         now = self._clock()
         return [
@@ -502,6 +511,7 @@ class Scheduler:
         ]
 
     async def unload_idle(self) -> list[str]:
+        self.flush_usage()
         victims = self.idle_victims()
         tasks = [self._begin_unload(s, "idle timeout") for s in victims]
         if tasks:
@@ -510,6 +520,7 @@ class Scheduler:
 
     async def shutdown(self) -> None:
         self._closing = True
+        self.flush_usage()
         while self._queue:
             waiter = self._queue.popleft()
             if not waiter.future.done():

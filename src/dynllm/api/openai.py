@@ -1,25 +1,35 @@
 """OpenAI-compatible routes: one table, one dispatcher.
 
-Forwarded requests are parsed only far enough to read ``model``; the body
-goes upstream as received unless the backend insists on its own model name.
+The forwarding routes are the hot path, so they are served as plain ASGI
+endpoints in front of FastAPI (see ``app.Front``): no middleware stack, no
+router scan, no request object.  Forwarded requests are parsed only far
+enough to read ``model``; the body goes upstream as received unless the
+backend insists on its own model name.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from dynllm.backends import adapter_for
 from dynllm.backends.base import rewrite_json_model
 from dynllm.config import ModelConfig
-from dynllm.errors import BadRequest, DynllmError, InvalidJSON, WrongModelType
+from dynllm.errors import BadRequest, DynllmError, InvalidJSON, WrongModelType, error_body
 from dynllm.proxy import forward
 from dynllm.registry import ApiFamily
+
+if TYPE_CHECKING:
+    from dynllm.app import Services
+
+log = logging.getLogger("dynllm.api")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +45,7 @@ ROUTES: tuple[JsonRoute, ...] = (
     JsonRoute("/v1/rerank", ApiFamily.RERANK),
     JsonRoute("/rerank", ApiFamily.RERANK),
 )
+BY_PATH: dict[str, JsonRoute] = {r.path: r for r in ROUTES}
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -54,42 +65,73 @@ def requested_model(data: dict[str, Any]) -> str:
     return model
 
 
-def _json_dispatcher(route: JsonRoute) -> Any:
-    async def endpoint(request: Request) -> Response:
-        services = request.app.state.services
-        try:
-            body = await request.body()
-            data = parse_json_object(body)
-            spec = services.registry.for_family(requested_model(data), route.family)
-            adapter = adapter_for(spec)
-            path = adapter.upstream_path(spec, route.family)
-            if path is None:
-                raise WrongModelType(
-                    f"The {spec.backend.value} backend of '{spec.name}' does not serve "
-                    f"{route.family.value} requests"
-                )
-            served = adapter.rewrite_model(spec, services.config.model_path(spec))
-            if served is not None:
-                body = rewrite_json_model(body, data, served)
-            lease = await services.scheduler.acquire(spec)
-            upstream = await forward(
-                services.client,
-                lease,
-                request.method,
-                path,
-                body,
-                request.headers.raw,
-                request.scope.get("query_string", b""),
-                content_type=b"application/json",  # the body was checked to be JSON
+async def send_json(
+    send: Send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client left first."""
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+async def dispatch(
+    services: Services, route: JsonRoute, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Serve one forwarded request: the whole hot path."""
+    try:
+        body = await read_body(receive)
+        if body is None:
+            return
+        data = parse_json_object(body)
+        spec: ModelConfig = services.registry.for_family(requested_model(data), route.family)
+        adapter = adapter_for(spec)
+        path = adapter.upstream_path(spec, route.family)
+        if path is None:
+            raise WrongModelType(
+                f"The {spec.backend.value} backend of '{spec.name}' does not serve "
+                f"{route.family.value} requests"
             )
-        except DynllmError as exc:
-            return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
-        return upstream  # type: ignore[return-value]  # a plain ASGI app, like Response
+        served = adapter.rewrite_model(spec, services.config.model_path(spec))
+        if served is not None:
+            body = rewrite_json_model(body, data, served)
+        lease = await services.scheduler.acquire(spec)
+        upstream = await forward(
+            services.client,
+            lease,
+            scope["method"],
+            path,
+            body,
+            scope["headers"],
+            scope.get("query_string", b""),
+            content_type=b"application/json",  # the body was checked to be JSON
+        )
+    except DynllmError as exc:
+        await send_json(send, exc.status, exc.body(), exc.headers())
+        return
+    except Exception:
+        log.exception("unexpected error serving %s", route.path)
+        body_ = error_body(
+            "Internal error in dynllm; see its log", "server_error", "internal_error"
+        )
+        await send_json(send, 500, body_)
+        return
+    await upstream(scope, receive, send)
 
-    return endpoint
 
-
-def _model_entry(services: Any, spec: ModelConfig) -> dict[str, Any]:
+def _model_entry(services: Services, spec: ModelConfig) -> dict[str, Any]:
     return {
         "id": spec.name,
         "object": "model",
@@ -117,10 +159,17 @@ async def get_model(request: Request) -> Response:
     return JSONResponse(_model_entry(services, spec))
 
 
+async def serve_forwarding(
+    services: Services, route: JsonRoute, scope: Scope, receive: Receive, send: Send
+) -> None:
+    if scope["method"] != "POST":
+        message = f"Method {scope['method']} not allowed on {route.path}; use POST"
+        await send_json(send, 405, error_body(message, "invalid_request_error", "405"),
+                        {"Allow": "POST"})  # fmt: skip
+        return
+    await dispatch(services, route, scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
-    for route in ROUTES:
-        app.router.routes.append(
-            Route(route.path, _json_dispatcher(route), methods=["POST"], include_in_schema=False)
-        )
     app.router.routes.append(Route("/v1/models", list_models, methods=["GET"]))
     app.router.routes.append(Route("/v1/models/{model:path}", get_model, methods=["GET"]))

@@ -1,0 +1,1 @@
+"""dynllm benchmark suite: `uv run python -m bench` (see bench/run.py)."""
