@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import aiohttp
 import httpx
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from fastapi import FastAPI, Request
@@ -42,7 +43,7 @@ class Services:
     scheduler: Scheduler
     store: Store
     effects: ProcessEffects
-    client: httpx.AsyncClient
+    client: aiohttp.ClientSession
     started_at: float = field(default_factory=time.time)
 
 
@@ -112,7 +113,7 @@ def create_app(config: Config) -> Front:
         finally:
             jobs.shutdown(wait=False)
             await scheduler.shutdown()
-            await client.aclose()
+            await client.close()
             await probe_client.aclose()
             await store.close()
 
