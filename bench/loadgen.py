@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+CONTENT = re.compile(rb'"content":\s*"c\d')
+TOKEN = b"sk-bench-0123456789abcdef"  # LiteLLM wants a master key; the others ignore it
 
 
 @dataclass
@@ -56,8 +60,8 @@ class Connection:
         body = json.dumps(payload).encode()
         self.writer.write(
             b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\n"
-            b"authorization: Bearer bench\r\ncontent-length: %d\r\n\r\n%s"
-            % (path.encode(), host.encode(), len(body), body)
+            b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s"
+            % (path.encode(), host.encode(), TOKEN, len(body), body)
         )
         reader = self.reader
         head = await reader.readuntil(b"\r\n\r\n")
@@ -108,8 +112,8 @@ class Connection:
                 result.done = True
             elif b'"error"' in event[:20]:
                 result.error = event.decode(errors="replace")[:200]
-            else:
-                result.chunks += 1
+            elif CONTENT.search(event):
+                result.chunks += 1  # LiteLLM adds chunks of its own: count only the backend's
         return rest
 
 
@@ -121,13 +125,19 @@ class Target:
         self._idle: deque[Connection] = deque()
 
     async def send(self, payload: dict[str, object], result: Result) -> None:
-        conn = self._idle.pop() if self._idle else await Connection.open(self.host, self.port)
+        reused = bool(self._idle)
+        conn = self._idle.pop() if reused else await Connection.open(self.host, self.port)
         try:
             keep = await conn.post(f"{self.host}:{self.port}", self.path, payload, result)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            conn.close()
+            if reused and result.status == 0:
+                # The server closed an idle keep-alive connection (uvicorn does
+                # after 5 s): retry on a fresh one, as HTTP clients do.
+                await self.send(payload, result)
+                return
             result.error = repr(exc)
             result.end = time.perf_counter()
-            conn.close()
             return
         if keep:
             self._idle.append(conn)

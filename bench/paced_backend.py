@@ -25,7 +25,18 @@ import time
 
 import uvloop
 
-FILLER = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do".split()
+FILLER = [
+    "lorem",
+    "ipsum",
+    "dolor",
+    "sit",
+    "amet",
+    "consectetur",
+    "adipiscing",
+    "elit",
+    "sed",
+    "do",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +65,9 @@ class Paced:
             "object": "chat.completion.chunk",
             "created": 0,
             "model": self.model,
-            "choices": [{"index": 0, "delta": {"content": f"c{i} {self.words} "}, "finish_reason": None}],
+            "choices": [
+                {"index": 0, "delta": {"content": f"c{i} {self.words} "}, "finish_reason": None}
+            ],
         }
         data = b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
         return b"%x\r\n%s\r\n" % (len(data), data)
@@ -73,7 +86,7 @@ class Paced:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 lines = head.split(b"\r\n")
-                method, path, _ = lines[0].split(b" ", 2)
+                _method, path, _ = lines[0].split(b" ", 2)
                 length = 0
                 for line in lines[1:]:
                     if line[:15].lower() == b"content-length:":

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from dynllm import __version__
 from dynllm.api import admin, openai
+from dynllm.backends import adapter_for
 from dynllm.config import Config
 from dynllm.errors import DynllmError, error_body
 from dynllm.launcher import ProcessEffects
@@ -45,6 +46,16 @@ class Services:
     effects: ProcessEffects
     client: aiohttp.ClientSession
     started_at: float = field(default_factory=time.time)
+    served_names: dict[str, str | None] = field(default_factory=dict)
+    """The ``model`` value each backend insists on (None: forward untouched);
+    computed once so the hot path does no path arithmetic."""
+
+    def __post_init__(self) -> None:
+        for spec in self.config.models:
+            adapter = adapter_for(spec)
+            self.served_names[spec.name] = adapter.rewrite_model(
+                spec, self.config.model_path(spec)
+            )
 
 
 def instance_marker(config: Config) -> str:

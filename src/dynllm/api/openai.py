@@ -104,7 +104,7 @@ async def dispatch(
                 f"The {spec.backend.value} backend of '{spec.name}' does not serve "
                 f"{route.family.value} requests"
             )
-        served = adapter.rewrite_model(spec, services.config.model_path(spec))
+        served = services.served_names[spec.name]
         if served is not None:
             body = rewrite_json_model(body, data, served)
         lease = await services.scheduler.acquire(spec)
