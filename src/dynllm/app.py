@@ -53,9 +53,7 @@ class Services:
     def __post_init__(self) -> None:
         for spec in self.config.models:
             adapter = adapter_for(spec)
-            self.served_names[spec.name] = adapter.rewrite_model(
-                spec, self.config.model_path(spec)
-            )
+            self.served_names[spec.name] = adapter.rewrite_model(spec, self.config.model_path(spec))
 
 
 def instance_marker(config: Config) -> str:

@@ -41,6 +41,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 _RESPONSE_DROP = HOP_BY_HOP - {"content-length"}
+CONNECT_ATTEMPTS = 5
 
 
 def make_client(config: Config, *, max_connections: int = 1024) -> aiohttp.ClientSession:
@@ -172,21 +173,36 @@ async def forward(
 ) -> UpstreamResponse:
     """Send the request; the returned response owns the lease from here on."""
     url = lease.base_url + path + ("?" + query.decode("latin-1") if query else "")
-    try:
-        upstream = await client.request(
-            method,
-            url,
-            data=body,
-            headers=CIMultiDict(
-                (k.decode("latin-1"), v.decode("latin-1"))
-                for k, v in request_headers(headers, content_type)
-            ),
-            allow_redirects=False,
-        )
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        lease.release()
-        raise BackendError(f"The backend for '{lease.spec.name}' did not answer: {exc!r}") from None
-    except BaseException:
-        lease.release()
-        raise
+    sent_headers = CIMultiDict(
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in request_headers(headers, content_type)
+    )
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            upstream = await client.request(
+                method, url, data=body, headers=sent_headers, allow_redirects=False
+            )
+            break
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            # A backend with a small connection pool (llama-server's HTTP threads)
+            # drops connections it cannot take yet, before reading the request:
+            # nothing was processed, so trying again shortly is safe.
+            if attempt < CONNECT_ATTEMPTS:
+                log.debug("'%s' refused a connection (%r); retrying", lease.spec.name, exc)
+                await asyncio.sleep(0.05 * attempt)
+                continue
+            lease.release()
+            raise BackendError(
+                f"The backend for '{lease.spec.name}' did not answer: {exc!r}"
+            ) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            lease.release()
+            raise BackendError(
+                f"The backend for '{lease.spec.name}' did not answer: {exc!r}"
+            ) from None
+        except BaseException:
+            lease.release()
+            raise
     return UpstreamResponse(upstream, lease)
