@@ -423,3 +423,20 @@ def test_default_quarantine_is_30_seconds(window: Callable[[int], range], clock:
         pool.lease()
     clock.now += 1.0
     assert pool.lease() == ports[0]
+
+
+def test_a_port_with_connections_in_time_wait_is_free() -> None:
+    """An earlier backend's closed connections linger in TIME_WAIT on its port;
+    a new backend (SO_REUSEADDR) can bind it, so the pool must see it as free."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((HOST, 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection((HOST, port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end goes to TIME_WAIT
+    client.close()
+    listener.close()
+    assert not _bindable(port)  # a plain bind is refused ...
+    assert port_is_free(port)  # ... but a server's bind is not

@@ -1,8 +1,13 @@
-"""Header handling on the forwarding path. Pure."""
+"""The forwarding path: header handling (pure) and connection retries."""
 
 from __future__ import annotations
 
-from dynllm.proxy import make_client, request_headers, response_headers
+import asyncio
+
+import pytest
+
+from dynllm.errors import BackendError
+from dynllm.proxy import CONNECT_ATTEMPTS, forward, make_client, request_headers, response_headers
 from tests.test_scheduler import make_config
 
 
@@ -49,3 +54,65 @@ async def test_shared_client_is_sized_for_many_streams_without_read_timeout() ->
         assert client.trust_env is False and client.auto_decompress is False
     finally:
         await client.close()
+
+
+class _Lease:
+    """Just what ``forward`` uses of a scheduler lease."""
+
+    def __init__(self, port: int) -> None:
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.spec = type("Spec", (), {"name": "m"})()
+        self.released = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+async def _server_dropping_first(drops: int) -> tuple[asyncio.Server, int, list[int]]:
+    """Closes its first ``drops`` connections unread (as a busy llama-server
+    does), then answers 200 with the request body."""
+    seen = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen[0] += 1
+        if seen[0] <= drops:
+            writer.transport.abort()  # reset, nothing read
+            return
+        head = await reader.readuntil(b"\r\n\r\n")
+        fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+        length = int({k.lower(): v for k, v in fields.items()}[b"content-length"])
+        body = await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], seen
+
+
+async def test_forward_retries_a_dropped_connection() -> None:
+    server, port, seen = await _server_dropping_first(2)
+    client = make_client(make_config([]))
+    lease = _Lease(port)
+    try:
+        response = await forward(client, lease, "POST", "/v1/x", b'{"a":1}', [])  # type: ignore[arg-type]
+        assert response.upstream.status == 200
+        assert await response.upstream.read() == b'{"a":1}'
+        response.upstream.release()
+        assert seen[0] == 3 and lease.released == 0  # the lease now belongs to the response
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_forward_gives_up_with_a_502_and_releases_the_lease() -> None:
+    server, port, seen = await _server_dropping_first(100)
+    client = make_client(make_config([]))
+    lease = _Lease(port)
+    try:
+        with pytest.raises(BackendError, match="did not answer"):
+            await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+        assert lease.released == 1 and seen[0] == CONNECT_ATTEMPTS
+    finally:
+        await client.close()
+        server.close()

@@ -13,7 +13,12 @@ from dynllm.errors import Unavailable
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could bind ``port`` now.  SO_REUSEADDR, as llama-server,
+    uvicorn and aiohttp set it: connections of an earlier backend lingering in
+    TIME_WAIT do not block a new listener, and must not make the pool think the
+    port is taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
