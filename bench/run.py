@@ -382,7 +382,9 @@ def cold_scenarios(work: Path, quick: bool) -> list[Row]:
 def burst(url: str, model: str, n: int) -> list[float]:
     """First-token times of ``n`` requests sent at once."""
     times: list[float] = []
-    threads = [threading.Thread(target=lambda: times.append(first_token(url, model))) for _ in range(n)]
+    threads = [
+        threading.Thread(target=lambda: times.append(first_token(url, model))) for _ in range(n)
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -64,7 +64,27 @@ def paced_wrapper(work: Path) -> Path:
     return path
 
 
-class Dynllm:
+class Service:
+    """A server the bench started; stopped with SIGTERM (SIGKILL after 30 s)."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def process(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+
+class Dynllm(Service):
     def __init__(self, work: Path, models: list[dict[str, Any]], **top: Any) -> None:
         start, end = free_range(20)
         self.port = free_port()
@@ -98,15 +118,6 @@ class Dynllm:
         wait_http(self.url + "/health", 60)
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
     def models(self) -> dict[str, dict[str, Any]]:
         data = httpx.get(self.url + "/admin/models", timeout=10).json()
         return {m["name"]: m for m in data["models"]}
@@ -116,11 +127,6 @@ class Dynllm:
 
     def unload_all(self) -> None:
         httpx.post(self.url + "/admin/models/unload-all", json={"force": True}, timeout=60)
-
-    @property
-    def process(self) -> psutil.Process:
-        assert self.proc is not None
-        return psutil.Process(self.proc.pid)
 
 
 def ensure_litellm() -> Path | None:
@@ -146,7 +152,7 @@ def ensure_litellm() -> Path | None:
     return binary
 
 
-class LiteLLM:
+class LiteLLM(Service):
     def __init__(self, work: Path, binary: Path, upstreams: dict[str, int]) -> None:
         self.port = free_port()
         self.work = work
@@ -175,20 +181,6 @@ class LiteLLM:
         )  # fmt: skip
         wait_http(f"http://127.0.0.1:{self.port}/health/liveliness", 120)
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    @property
-    def process(self) -> psutil.Process:
-        assert self.proc is not None
-        return psutil.Process(self.proc.pid)
 
 
 def cpu_seconds(process: psutil.Process, tree: bool = False) -> float:
