@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,33 +12,12 @@ from typing import Any
 import httpx
 import psutil
 import yaml
+from tests.support.net import free_port, free_port_range
 
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM_VERSION = "1.106.2"
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
 MASTER_KEY = "sk-bench-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_range(size: int) -> tuple[int, int]:
-    for _ in range(200):
-        start = free_port()
-        ok = True
-        for port in range(start, start + size):
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok and start + size < 65535:
-            return start, start + size - 1
-    raise RuntimeError("no free port window")
 
 
 def wait_http(url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
@@ -86,7 +64,7 @@ class Service:
 
 class Dynllm(Service):
     def __init__(self, work: Path, models: list[dict[str, Any]], **top: Any) -> None:
-        start, end = free_range(20)
+        start, end = free_port_range(20)
         self.port = free_port()
         self.work = work
         config = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -21,28 +20,11 @@ import yaml
 from dynllm.app import create_app, instance_marker
 from dynllm.backends.base import MARKER_ENV
 from dynllm.config import Config, load_config
-from dynllm.ports import port_is_free
+from tests.support.net import free_port, free_port_range
 from tests.support.tiny_gguf import write_tiny_embedding, write_tiny_llama
 
 FAKE_SERVER = Path(__file__).parent / "support" / "fake_llama_server.py"
 _markers: set[str] = set()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def free_port_range(size: int) -> tuple[int, int]:
-    """A window of ``size`` ports that all bind right now."""
-    for _ in range(200):
-        start = free_port()
-        if start + size > 65535:
-            continue
-        if all(port_is_free(p) for p in range(start, start + size)):
-            return start, start + size - 1
-    raise RuntimeError("no free port window")
 
 
 def llama_server_binary() -> str:
@@ -51,26 +33,27 @@ def llama_server_binary() -> str:
     return str(skulk.binary_path())
 
 
+def _deadline(timeout: float) -> Iterator[None]:
+    """Yields until ``timeout`` seconds have passed, then fails the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() <= deadline:
+        yield
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
 def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
     """Poll until ``predicate()`` is truthy; its value, or AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
+    for _ in _deadline(timeout):
+        if value := predicate():
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
 
 
 async def apoll(predicate: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
+    """``poll`` for async tests: sleeps without blocking the event loop."""
+    for _ in _deadline(timeout):
+        if value := predicate():
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
 
 

@@ -17,12 +17,11 @@ def test_request_headers_drop_hop_by_hop_and_keep_the_rest() -> None:
         (b"Transfer-Encoding", b"chunked"), (b"TE", b"trailers"), (b"Authorization", b"Bearer x"),
         (b"Content-Type", b"text/plain"), (b"X-Request-Id", b"42"),
     ]  # fmt: skip
-    assert request_headers(raw) == [
-        (b"Authorization", b"Bearer x"), (b"Content-Type", b"text/plain"), (b"X-Request-Id", b"42"),
+    assert list(request_headers(raw).items()) == [
+        ("Authorization", "Bearer x"), ("Content-Type", "text/plain"), ("X-Request-Id", "42"),
     ]  # fmt: skip
     forced = request_headers(raw, b"application/json")
-    assert (b"content-type", b"application/json") in forced
-    assert (b"Content-Type", b"text/plain") not in forced
+    assert forced.getall("content-type") == ["application/json"]  # the client's is replaced
 
 
 def raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:

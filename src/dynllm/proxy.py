@@ -23,24 +23,26 @@ from dynllm.scheduler import Lease
 
 log = logging.getLogger("dynllm.proxy")
 
-# RFC 9110 7.6.1 connection-specific fields, plus those the client library sets itself.
+# RFC 9110 7.6.1 connection-specific fields, plus those the client library
+# sets itself.  Bytes, lower case: compared with raw ASGI/aiohttp header names.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
     }
 )
-_RESPONSE_DROP = HOP_BY_HOP - {"content-length"}
+_REQUEST_DROP_TYPED = HOP_BY_HOP | {b"content-type"}
+_RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 CONNECT_ATTEMPTS = 5
 
 
@@ -70,19 +72,22 @@ def make_client(config: Config, *, max_connections: int = 1024) -> aiohttp.Clien
 
 def request_headers(
     raw: Iterable[tuple[bytes, bytes]], content_type: bytes | None = None
-) -> list[tuple[bytes, bytes]]:
-    """Client headers minus hop-by-hop ones; ``content_type`` replaces the client's."""
-    drop = HOP_BY_HOP | {"content-type"} if content_type else HOP_BY_HOP
-    headers = [(k, v) for k, v in raw if k.lower().decode("latin-1") not in drop]
+) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop ones, ready for aiohttp (decoded once);
+    ``content_type`` replaces the client's."""
+    drop = _REQUEST_DROP_TYPED if content_type else HOP_BY_HOP
+    headers: CIMultiDict[str] = CIMultiDict(
+        (k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.lower() not in drop
+    )
     if content_type:
-        headers.append((b"content-type", content_type))
+        headers["content-type"] = content_type.decode("latin-1")
     return headers
 
 
 def response_headers(
     raw: Iterable[tuple[bytes, bytes]], content_type: str
 ) -> list[tuple[bytes, bytes]]:
-    out = [(k, v) for k, v in raw if k.lower().decode("latin-1") not in _RESPONSE_DROP]
+    out = [(k, v) for k, v in raw if k.lower() not in _RESPONSE_DROP]
     if content_type.startswith("text/event-stream"):
         present = {k.lower() for k, _ in out}
         # Keep nginx and friends from buffering the stream.
@@ -111,10 +116,10 @@ class UpstreamResponse:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher: asyncio.Task[None] | None = None
         gone = False
+        relay = asyncio.current_task()
+        assert relay is not None
         try:
             if self.is_sse:
-                relay = asyncio.current_task()
-                assert relay is not None
 
                 async def watch_disconnect() -> None:
                     nonlocal gone
@@ -128,9 +133,7 @@ class UpstreamResponse:
         except asyncio.CancelledError:
             if not gone:
                 raise  # not ours: shutdown or the server cancelled us
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
+            relay.uncancel()
         except OSError:
             pass  # the client went away between writes
         finally:
@@ -173,36 +176,29 @@ async def forward(
 ) -> UpstreamResponse:
     """Send the request; the returned response owns the lease from here on."""
     url = lease.base_url + path + ("?" + query.decode("latin-1") if query else "")
-    sent_headers = CIMultiDict(
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in request_headers(headers, content_type)
-    )
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            upstream = await client.request(
-                method, url, data=body, headers=sent_headers, allow_redirects=False
-            )
+    sent_headers = request_headers(headers, content_type)
+    failure: BaseException | None = None
+    try:  # any exit other than a response (a cancel during backoff too) frees the lease
+        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+            try:
+                upstream = await client.request(
+                    method, url, data=body, headers=sent_headers, allow_redirects=False
+                )
+                return UpstreamResponse(upstream, lease)
+            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+                # A backend with a small connection pool (llama-server's HTTP
+                # threads) drops connections it cannot take yet, before reading
+                # the request: nothing was processed, so trying again is safe.
+                failure = exc
+                if attempt < CONNECT_ATTEMPTS:
+                    log.debug("'%s' refused a connection (%r); retrying", lease.spec.name, exc)
+                    await asyncio.sleep(0.05 * attempt)
+                    continue
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                failure = exc
             break
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-            # A backend with a small connection pool (llama-server's HTTP threads)
-            # drops connections it cannot take yet, before reading the request:
-            # nothing was processed, so trying again shortly is safe.
-            if attempt < CONNECT_ATTEMPTS:
-                log.debug("'%s' refused a connection (%r); retrying", lease.spec.name, exc)
-                await asyncio.sleep(0.05 * attempt)
-                continue
-            lease.release()
-            raise BackendError(
-                f"The backend for '{lease.spec.name}' did not answer: {exc!r}"
-            ) from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            lease.release()
-            raise BackendError(
-                f"The backend for '{lease.spec.name}' did not answer: {exc!r}"
-            ) from None
-        except BaseException:
-            lease.release()
-            raise
-    return UpstreamResponse(upstream, lease)
+    except BaseException:
+        lease.release()
+        raise
+    lease.release()
+    raise BackendError(f"The backend for '{lease.spec.name}' did not answer: {failure!r}")
