@@ -15,7 +15,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-CONTENT = re.compile(rb'"content":\s*"c\d')
+CONTENT = re.compile(rb'"content":\s*"c\d')  # a token of the paced backend
+ANY_CONTENT = re.compile(rb'"content":\s*"[^"]')  # a non-empty token of any backend
 TOKEN = b"sk-bench-0123456789abcdef"  # LiteLLM wants a master key; the others ignore it
 
 
@@ -24,6 +25,7 @@ class Result:
     scheduled: float
     status: int = 0
     first: float | None = None
+    first_content: float | None = None
     end: float | None = None
     events: list[float] = field(default_factory=list)
     chunks: int = 0
@@ -38,18 +40,28 @@ class Result:
     def ttfc(self) -> float | None:
         return None if self.first is None else self.first - self.scheduled
 
+    @property
+    def first_token(self) -> float | None:
+        """Seconds from the scheduled start to the first content chunk."""
+        return None if self.first_content is None else self.first_content - self.scheduled
+
     def gaps(self) -> list[float]:
         return [b - a for a, b in zip(self.events, self.events[1:], strict=False)]
 
 
 class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        content: re.Pattern[bytes] = CONTENT,
+    ) -> None:
+        self.reader, self.writer, self.content = reader, writer, content
 
     @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
+    async def open(cls, host: str, port: int, content: re.Pattern[bytes] = CONTENT) -> Connection:
         reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
-        return cls(reader, writer)
+        return cls(reader, writer, content)
 
     def close(self) -> None:
         self.writer.close()
@@ -85,11 +97,11 @@ class Connection:
                     await reader.readuntil(b"\r\n")
                     break
                 data = (await reader.readexactly(size + 2))[:-2]
-                pending = self._events(pending + data, result)
+                pending = self._events(self.content, pending + data, result)
         elif length is not None:
-            pending = self._events(await reader.readexactly(length), result)
+            pending = self._events(self.content, await reader.readexactly(length), result)
         else:
-            pending = self._events(await reader.read(), result)
+            pending = self._events(self.content, await reader.read(), result)
             keep = False
         result.end = time.perf_counter()
         if result.first is None:
@@ -97,7 +109,7 @@ class Connection:
         return keep
 
     @staticmethod
-    def _events(buffer: bytes, result: Result) -> bytes:
+    def _events(content: re.Pattern[bytes], buffer: bytes, result: Result) -> bytes:
         if not buffer.startswith(b"data:") and b"\n\n" not in buffer:
             return buffer if buffer.startswith(b"data") else b""
         *complete, rest = buffer.split(b"\n\n")
@@ -112,7 +124,9 @@ class Connection:
                 result.done = True
             elif b'"error"' in event[:20]:
                 result.error = event.decode(errors="replace")[:200]
-            elif CONTENT.search(event):
+            elif content.search(event):
+                if result.first_content is None:
+                    result.first_content = now
                 result.chunks += 1  # LiteLLM adds chunks of its own: count only the backend's
         return rest
 
@@ -120,13 +134,25 @@ class Connection:
 class Target:
     """One way of reaching the backend: direct, through dynllm, through LiteLLM."""
 
-    def __init__(self, name: str, host: str, port: int, path: str = "/v1/chat/completions") -> None:
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        path: str = "/v1/chat/completions",
+        content: re.Pattern[bytes] = CONTENT,
+    ) -> None:
         self.name, self.host, self.port, self.path = name, host, port, path
+        self.content = content
         self._idle: deque[Connection] = deque()
 
     async def send(self, payload: dict[str, object], result: Result) -> None:
         reused = bool(self._idle)
-        conn = self._idle.pop() if reused else await Connection.open(self.host, self.port)
+        conn = (
+            self._idle.pop()
+            if reused
+            else await Connection.open(self.host, self.port, self.content)
+        )
         try:
             keep = await conn.post(f"{self.host}:{self.port}", self.path, payload, result)
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:

@@ -10,6 +10,8 @@ Pacing switches (extra command-line arguments, i.e. a model's ``extra_args``):
     --first-chunk-delay-ms F  delay before the first chunk
     --chunks N              chunks per stream when the request gives no max_tokens
     --chunk-words N         words of text per chunk (chunk size)
+    --load-ms F             answer 503 "Loading model" (as llama-server does) for
+                            this long after start, to stand in for a model load
 
 Each chunk's text starts with its index (``c17 ...``) so clients can check
 order and count.  ``GET /health`` is 200 once listening.
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--first-chunk-delay-ms", type=float, default=0.0)
     p.add_argument("--chunks", type=int, default=16)
     p.add_argument("--chunk-words", type=int, default=1)
+    p.add_argument("--load-ms", type=float, default=0.0)
     args, _unknown = p.parse_known_args(argv)  # -m, -c, -ngl and friends are ignored
     return args
 
@@ -58,6 +61,7 @@ class Paced:
         self.model = args.alias
         words = " ".join((FILLER * (1 + args.chunk_words // len(FILLER)))[: args.chunk_words])
         self.words = words
+        self.ready_at = time.monotonic() + args.load_ms / 1000
 
     def chunk(self, i: int) -> bytes:
         body = {
@@ -92,6 +96,11 @@ class Paced:
                     if line[:15].lower() == b"content-length:":
                         length = int(line[15:])
                 body = await reader.readexactly(length) if length else b""
+                if time.monotonic() < self.ready_at:
+                    payload = b'{"error":{"code":503,"message":"Loading model","type":"unavailable_error"}}'
+                    writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(payload), payload))  # fmt: skip
+                    continue
                 if path == b"/health" or path == b"/v1/models":
                     payload = b'{"status":"ok"}'
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"

@@ -103,6 +103,11 @@ class Dynllm(Service):
     def backend_port(self, name: str) -> int:
         return int(self.models()[name]["port"])
 
+    def unload(self, name: str) -> None:
+        httpx.post(
+            self.url + "/admin/models/unload", json={"model": name, "force": True}, timeout=60
+        )
+
     def unload_all(self) -> None:
         httpx.post(self.url + "/admin/models/unload-all", json={"force": True}, timeout=60)
 

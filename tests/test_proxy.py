@@ -115,3 +115,44 @@ async def test_forward_gives_up_with_a_502_and_releases_the_lease() -> None:
     finally:
         await client.close()
         server.close()
+
+
+async def test_backend_cookies_are_never_replayed_to_other_requests() -> None:
+    """A Set-Cookie from a backend must not ride along on later requests (from
+    other users): the shared client keeps no cookie jar."""
+    cookies: list[bytes | None] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            fields = {
+                k.strip().lower(): v.strip()
+                for k, v in (
+                    line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line
+                )
+            }
+            await reader.readexactly(int(fields.get(b"content-length", b"0")))
+            cookies.append(fields.get(b"cookie"))
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nset-cookie: session=alice; Path=/\r\ncontent-length: 2\r\n\r\nok"
+            )
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = make_client(make_config([]))
+    lease = _Lease(port)
+    lease.base_url = f"http://localhost:{port}"  # a host name: a default jar would keep it
+    try:
+        for _ in range(2):
+            response = await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+            assert await response.upstream.read() == b"ok"
+            response.upstream.release()
+        assert cookies == [None, None]
+    finally:
+        await client.close()
+        server.close()

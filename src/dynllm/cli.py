@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=int(config.stop_timeout_seconds) + 5,
         access_log=level == "DEBUG",
         server_header=False,  # the backend's own Server header passes through
+        proxy_headers=False,  # nothing reads the client address; saves a middleware per request
     )
     return 0
 

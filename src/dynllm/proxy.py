@@ -44,6 +44,7 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP_TYPED = HOP_BY_HOP | {b"content-type"}
 _RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 CONNECT_ATTEMPTS = 5
+KEEPALIVE_SECONDS = 4.0
 
 
 def make_client(config: Config, *, max_connections: int = 1024) -> aiohttp.ClientSession:
@@ -56,9 +57,15 @@ def make_client(config: Config, *, max_connections: int = 1024) -> aiohttp.Clien
         connector=aiohttp.TCPConnector(
             limit=max_connections,
             limit_per_host=0,
-            keepalive_timeout=30.0,
+            # Below the 5 s after which llama-server (cpp-httplib) and uvicorn
+            # close an idle connection, so a pooled connection is dropped here
+            # first instead of being reused just as the backend closes it.
+            keepalive_timeout=KEEPALIVE_SECONDS,
             enable_cleanup_closed=True,
         ),
+        # Never store a backend's cookies: they would ride along on every
+        # other client's requests.
+        cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(
             total=None,
             connect=10.0,
