@@ -137,7 +137,8 @@ async def test_backend_cookies_are_never_replayed_to_other_requests() -> None:
             await reader.readexactly(int(fields.get(b"content-length", b"0")))
             cookies.append(fields.get(b"cookie"))
             writer.write(
-                b"HTTP/1.1 200 OK\r\nset-cookie: session=alice; Path=/\r\ncontent-length: 2\r\n\r\nok"
+                b"HTTP/1.1 200 OK\r\nset-cookie: session=alice; Path=/\r\n"
+                b"content-length: 2\r\n\r\nok"
             )
             await writer.drain()
         writer.close()
