@@ -45,6 +45,7 @@ _REQUEST_DROP_TYPED = HOP_BY_HOP | {b"content-type"}
 _RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 CONNECT_ATTEMPTS = 5
 KEEPALIVE_SECONDS = 4.0
+WHOLE_BODY_BYTES = 1 << 20
 
 
 def make_client(config: Config, *, max_connections: int = 1024) -> aiohttp.ClientSession:
@@ -159,6 +160,13 @@ class UpstreamResponse:
             }
         )
         try:
+            length = upstream.content_length
+            if length is not None and length <= WHOLE_BODY_BYTES:
+                # A small answer of known size (most non-streamed ones): one
+                # body message instead of one per received piece plus an end.
+                body = await upstream.read()
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
             async for chunk in upstream.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (TimeoutError, aiohttp.ClientError) as exc:
