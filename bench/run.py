@@ -337,9 +337,10 @@ def manual_swap(path_a: Path, path_b: Path) -> float:
         manual_stop(proc_b)
 
 
-def cold_and_swap(dyn: Dynllm, path_a: Path, path_b: Path, size_mb: float, reps: int) -> list[Row]:
+def cold_and_swap(dyn: Dynllm, path_a: Path, path_b: Path, reps: int) -> list[Row]:
     """Scenarios 6 and 7, each side in turn so both see the same page cache."""
     rows = []
+    size_mb = path_a.stat().st_size / 2**20
     manual_cold(path_a)  # warm the page cache for both sides
     cold_manual, cold_dyn, swap_manual, swap_dyn = [], [], [], []
     for _ in range(reps):
@@ -367,9 +368,8 @@ def cold_scenarios(work: Path, quick: bool, only: set[str]) -> list[Row]:
     pad = 50 if quick else 300
     path_a, path_b = work / "big-a.gguf", work / "big-b.gguf"
     for path, seed in ((path_a, 1), (path_b, 2)):
-        if not path.exists():
+        if only & {"6", "7"} and not path.exists():
             write_tiny_llama(path, pad_mb=pad, seed=seed)
-    size_mb = path_a.stat().st_size / 2**20
     models = [
         {"name": n, "path": str(p), "backend": "llamacpp", "vram_mb": 6000, "unload_time": -1,
          "context_size": 256, "n_gpu_layers": 0, "extra_args": ["-t", "1", "--no-webui"]}
@@ -387,7 +387,7 @@ def cold_scenarios(work: Path, quick: bool, only: set[str]) -> list[Row]:
         work, models, total_vram_mb=8000, backend={"llamacpp_binary": llama_binary()}
     ) as dyn:
         if only & {"6", "7"}:
-            rows += cold_and_swap(dyn, path_a, path_b, size_mb, reps)
+            rows += cold_and_swap(dyn, path_a, path_b, reps)
         if "8" in only:
             label = "real llama-server, small model"
             rows.append(uvloop.run(cold_burst(dyn, "small", reps, ANY_CONTENT, label)))
