@@ -20,7 +20,7 @@ def test_request_headers_drop_hop_by_hop_and_keep_the_rest() -> None:
     assert list(request_headers(raw).items()) == [
         ("Authorization", "Bearer x"), ("Content-Type", "text/plain"), ("X-Request-Id", "42"),
     ]  # fmt: skip
-    forced = request_headers(raw, b"application/json")
+    forced = request_headers(raw, "application/json")
     assert forced.getall("content-type") == ["application/json"]  # the client's is replaced
 
 
@@ -31,16 +31,16 @@ def raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 def test_response_headers_for_event_streams() -> None:
     sse = raw({"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked",
                "Connection": "close", "Server": "llama.cpp"})  # fmt: skip
-    out = {k.lower(): v for k, v in response_headers(sse, "text/event-stream")}
+    out = {k.lower(): v for k, v in response_headers(sse, is_sse=True)}
     assert out[b"x-accel-buffering"] == b"no" and out[b"cache-control"] == b"no-cache"
     assert b"transfer-encoding" not in out and b"connection" not in out
     assert out[b"server"] == b"llama.cpp"
     plain = response_headers(
-        raw({"content-type": "application/json", "content-length": "5"}), "application/json"
+        raw({"content-type": "application/json", "content-length": "5"}), is_sse=False
     )
     assert dict(plain) == {b"content-type": b"application/json", b"content-length": b"5"}
     own = response_headers(
-        raw({"Content-Type": "text/event-stream", "X-Accel-Buffering": "yes"}), "text/event-stream"
+        raw({"Content-Type": "text/event-stream", "X-Accel-Buffering": "yes"}), is_sse=True
     )
     assert [v for k, v in own if k.lower() == b"x-accel-buffering"] == [b"yes"]  # backend's wins
 

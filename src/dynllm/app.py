@@ -25,12 +25,11 @@ from starlette.types import Receive, Scope, Send
 
 from dynllm import __version__
 from dynllm.api import admin, openai
-from dynllm.backends import adapter_for
 from dynllm.config import Config
-from dynllm.errors import DynllmError, error_body
+from dynllm.errors import DynllmError, error_body, invalid_request
 from dynllm.launcher import ProcessEffects
 from dynllm.proxy import make_client
-from dynllm.registry import Registry
+from dynllm.registry import ApiFamily, Registry
 from dynllm.scheduler import Scheduler
 from dynllm.store import Store
 
@@ -46,14 +45,10 @@ class Services:
     effects: ProcessEffects
     client: aiohttp.ClientSession
     started_at: float = field(default_factory=time.time)
-    served_names: dict[str, str | None] = field(default_factory=dict)
-    """The ``model`` value each backend insists on (None: forward untouched);
-    computed once so the hot path does no path arithmetic."""
+    upstreams: dict[tuple[str, ApiFamily], openai.Upstream] = field(init=False)
 
     def __post_init__(self) -> None:
-        for spec in self.config.models:
-            adapter = adapter_for(spec)
-            self.served_names[spec.name] = adapter.rewrite_model(spec, self.config.model_path(spec))
+        self.upstreams = openai.upstream_table(self.config)
 
 
 def instance_marker(config: Config) -> str:
@@ -74,7 +69,7 @@ class Front:
         if scope["type"] == "http":
             route = openai.BY_PATH.get(scope["path"])
             if route is not None:
-                await openai.serve_forwarding(self.state.services, route, scope, receive, send)
+                await openai.dispatch(self.state.services, route, scope, receive, send)
                 return
         await self.api(scope, receive, send)
 
@@ -159,14 +154,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-            for e in exc.errors()
-        )
-        return JSONResponse(
-            error_body(f"Invalid request: {problems}", "invalid_request_error", "invalid_request"),
-            status_code=400,
-        )
+        return await dynllm_error(request, invalid_request(exc.errors()))
 
     app.add_exception_handler(DynllmError, dynllm_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

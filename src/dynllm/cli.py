@@ -7,14 +7,13 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Literal
 
-from pydantic import ValidationError, field_validator
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dynllm import __version__
 from dynllm.backends import adapter_for, command_line
-from dynllm.config import Config, ConfigError, load_config
+from dynllm.config import LOG_LEVELS, Config, ConfigError, LogLevel, load_config
 
 EXIT_CONFIG = 2
 
@@ -26,15 +25,7 @@ class EnvSettings(BaseSettings):
     config: Path = Path("config.yaml")
     host: str | None = None
     port: int | None = None
-    log_level: Literal["debug", "info", "warning", "error", "critical"] | None = None
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _lower(cls, value: object) -> object:
-        return value.lower() if isinstance(value, str) else value
-
-
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+    log_level: LogLevel | None = None
 
 
 def _env_settings() -> EnvSettings:

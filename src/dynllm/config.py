@@ -13,11 +13,12 @@ import math
 import re
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -57,6 +58,16 @@ class EvictionPolicy(StrEnum):
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+LogLevel = Annotated[
+    Literal["debug", "info", "warning", "error", "critical"], BeforeValidator(_lower)
+]
+LOG_LEVELS: tuple[str, ...] = get_args(get_args(LogLevel)[0])
 
 
 class _Strict(BaseModel):
@@ -179,7 +190,7 @@ class Config(_Strict):
     backend: BackendSettings = Field(default_factory=BackendSettings)
     models_dir: str | None = None
     db_path: str = "dynllm_state.db"
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_level: LogLevel = "info"
     preload_models: list[str] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
     # dynllm additions
@@ -199,11 +210,6 @@ class Config(_Strict):
     def _idle_timeout(cls, value: Any) -> float:
         parsed = _timeout_seconds(value)
         return math.inf if parsed is None else parsed
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _lower_level(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -238,12 +244,9 @@ class Config(_Strict):
         return self.base_dir / p
 
     def model_path(self, model: ModelConfig) -> Path:
-        p = Path(model.path).expanduser()
-        if p.is_absolute():
-            return p
-        if self.models_dir is not None:
-            return self.resolve(self.models_dir) / p
-        return self.base_dir / p
+        """``path`` as is when absolute, else under ``models_dir`` (or the config's folder)."""
+        base = self.base_dir if self.models_dir is None else self.resolve(self.models_dir)
+        return base / Path(model.path).expanduser()  # an absolute right side wins
 
     @property
     def db_file(self) -> Path:

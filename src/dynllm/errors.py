@@ -26,6 +26,7 @@ same body is sent as one SSE ``data:`` event instead (see ``sse_event``).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -59,6 +60,15 @@ class BadRequest(DynllmError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+
+def invalid_request(problems: Iterable[Mapping[str, Any]]) -> BadRequest:
+    """A BadRequest listing pydantic validation problems as ``loc: msg``."""
+    text = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
+        for e in problems
+    )
+    return BadRequest(f"Invalid request: {text}")
 
 
 class InvalidJSON(BadRequest):

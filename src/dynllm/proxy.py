@@ -45,10 +45,11 @@ _REQUEST_DROP_TYPED = HOP_BY_HOP | {b"content-type"}
 _RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 CONNECT_ATTEMPTS = 5
 KEEPALIVE_SECONDS = 4.0
+MAX_CONNECTIONS = 1024  # to all backends together: room for many concurrent streams
 WHOLE_BODY_BYTES = 1 << 20
 
 
-def make_client(config: Config, *, max_connections: int = 1024) -> aiohttp.ClientSession:
+def make_client(config: Config) -> aiohttp.ClientSession:
     """The one client for all backends: sized for many concurrent streams and
     with no read timeout, so a slow long generation is never cut.
 
@@ -56,7 +57,7 @@ def make_client(config: Config, *, max_connections: int = 1024) -> aiohttp.Clien
     fraction of httpx's (see the README's benchmark section)."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(
-            limit=max_connections,
+            limit=MAX_CONNECTIONS,
             limit_per_host=0,
             # Below the 5 s after which llama-server (cpp-httplib) and uvicorn
             # close an idle connection, so a pooled connection is dropped here
@@ -79,7 +80,7 @@ def make_client(config: Config, *, max_connections: int = 1024) -> aiohttp.Clien
 
 
 def request_headers(
-    raw: Iterable[tuple[bytes, bytes]], content_type: bytes | None = None
+    raw: Iterable[tuple[bytes, bytes]], content_type: str | None = None
 ) -> CIMultiDict[str]:
     """Client headers minus hop-by-hop ones, ready for aiohttp (decoded once);
     ``content_type`` replaces the client's."""
@@ -88,15 +89,13 @@ def request_headers(
         (k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.lower() not in drop
     )
     if content_type:
-        headers["content-type"] = content_type.decode("latin-1")
+        headers["content-type"] = content_type
     return headers
 
 
-def response_headers(
-    raw: Iterable[tuple[bytes, bytes]], content_type: str
-) -> list[tuple[bytes, bytes]]:
+def response_headers(raw: Iterable[tuple[bytes, bytes]], is_sse: bool) -> list[tuple[bytes, bytes]]:
     out = [(k, v) for k, v in raw if k.lower() not in _RESPONSE_DROP]
-    if content_type.startswith("text/event-stream"):
+    if is_sse:
         present = {k.lower() for k, _ in out}
         # Keep nginx and friends from buffering the stream.
         if b"x-accel-buffering" not in present:
@@ -118,8 +117,7 @@ class UpstreamResponse:
     def __init__(self, upstream: aiohttp.ClientResponse, lease: Lease) -> None:
         self.upstream = upstream
         self.lease = lease
-        self.content_type = upstream.headers.get("content-type", "")
-        self.is_sse = self.content_type.startswith("text/event-stream")
+        self.is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watcher: asyncio.Task[None] | None = None
@@ -156,7 +154,7 @@ class UpstreamResponse:
             {
                 "type": "http.response.start",
                 "status": upstream.status,
-                "headers": response_headers(upstream.raw_headers, self.content_type),
+                "headers": response_headers(upstream.raw_headers, self.is_sse),
             }
         )
         try:
@@ -187,14 +185,15 @@ async def forward(
     body: bytes,
     headers: Iterable[tuple[bytes, bytes]],
     query: bytes = b"",
-    content_type: bytes | None = None,
+    content_type: str | None = None,
 ) -> UpstreamResponse:
     """Send the request; the returned response owns the lease from here on."""
     url = lease.base_url + path + ("?" + query.decode("latin-1") if query else "")
     sent_headers = request_headers(headers, content_type)
-    failure: BaseException | None = None
+    attempt = 0
     try:  # any exit other than a response (a cancel during backoff too) frees the lease
-        for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        while True:
+            attempt += 1
             try:
                 upstream = await client.request(
                     method, url, data=body, headers=sent_headers, allow_redirects=False
@@ -204,16 +203,16 @@ async def forward(
                 # A backend with a small connection pool (llama-server's HTTP
                 # threads) drops connections it cannot take yet, before reading
                 # the request: nothing was processed, so trying again is safe.
-                failure = exc
-                if attempt < CONNECT_ATTEMPTS:
-                    log.debug("'%s' refused a connection (%r); retrying", lease.spec.name, exc)
-                    await asyncio.sleep(0.05 * attempt)
-                    continue
+                if attempt == CONNECT_ATTEMPTS:
+                    raise _no_answer(lease, exc) from exc
+                log.debug("'%s' refused a connection (%r); retrying", lease.spec.name, exc)
+                await asyncio.sleep(0.05 * attempt)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                failure = exc
-            break
+                raise _no_answer(lease, exc) from exc
     except BaseException:
         lease.release()
         raise
-    lease.release()
-    raise BackendError(f"The backend for '{lease.spec.name}' did not answer: {failure!r}")
+
+
+def _no_answer(lease: Lease, exc: BaseException) -> BackendError:
+    return BackendError(f"The backend for '{lease.spec.name}' did not answer: {exc!r}")

@@ -49,9 +49,6 @@ class Registry:
     def __iter__(self) -> Iterator[ModelConfig]:
         return iter(self._models)
 
-    def __len__(self) -> int:
-        return len(self._models)
-
     def get(self, label: str) -> ModelConfig:
         try:
             return self._by_label[label]

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dynllm import __version__
 from dynllm.api.openai import parse_json_object
-from dynllm.errors import BadRequest, ModelBusy
+from dynllm.config import ModelConfig
+from dynllm.errors import BadRequest, ModelBusy, invalid_request
 
 
 class ModelRequest(BaseModel):
@@ -22,8 +23,7 @@ def _services(request: Request) -> Any:
     return request.app.state.services
 
 
-def _model_view(services: Any, name: str) -> dict[str, Any]:
-    spec = services.registry.get(name)
+def _model_view(services: Any, spec: ModelConfig) -> dict[str, Any]:
     return {
         "name": spec.name,
         "aliases": list(spec.aliases),
@@ -56,7 +56,7 @@ async def admin_models(request: Request) -> dict[str, Any]:
     return {
         "vram_total_mb": services.config.total_vram_mb,
         "vram_used_mb": services.scheduler.used_vram_mb(),
-        "models": [_model_view(services, spec.name) for spec in services.registry],
+        "models": [_model_view(services, spec) for spec in services.registry],
     }
 
 
@@ -73,8 +73,7 @@ async def _model_request(request: Request) -> ModelRequest:
     try:
         return ModelRequest.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise BadRequest(f"Invalid request: {problems}") from None
+        raise invalid_request(exc.errors()) from None
 
 
 @router.post("/admin/models/load")
@@ -84,7 +83,7 @@ async def admin_load(request: Request) -> dict[str, Any]:
     spec = services.registry.get(body.model)
     lease = await services.scheduler.acquire(spec)
     lease.release()
-    return {"model": spec.name, "loaded": True, **_model_view(services, spec.name)}
+    return {"model": spec.name, "loaded": True, **_model_view(services, spec)}
 
 
 @router.post("/admin/models/unload")
@@ -93,7 +92,7 @@ async def admin_unload(request: Request) -> dict[str, Any]:
     body = await _model_request(request)
     spec = services.registry.get(body.model)
     was_running = await services.scheduler.unload(spec, force=body.force)
-    return {"model": spec.name, "unloaded": was_running, **_model_view(services, spec.name)}
+    return {"model": spec.name, "unloaded": was_running, **_model_view(services, spec)}
 
 
 @router.post("/admin/models/unload-all")

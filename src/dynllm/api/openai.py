@@ -2,9 +2,9 @@
 
 The forwarding routes are the hot path, so they are served as plain ASGI
 endpoints in front of FastAPI (see ``app.Front``): no middleware stack, no
-router scan, no request object.  Forwarded requests are parsed only far
-enough to read ``model``; the body goes upstream as received unless the
-backend insists on its own model name.
+router scan, no request object.  Forwarded bodies are parsed once, to check
+they are a JSON object and to read ``model``; the body goes upstream as
+received unless the backend insists on its own model name.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from dynllm.backends import adapter_for
 from dynllm.backends.base import rewrite_json_model
-from dynllm.config import ModelConfig
+from dynllm.config import Config, ModelConfig
 from dynllm.errors import BadRequest, DynllmError, InvalidJSON, WrongModelType, error_body
 from dynllm.proxy import forward
 from dynllm.registry import ApiFamily
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from dynllm.app import Services
 
 log = logging.getLogger("dynllm.api")
+JSON = "application/json"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,28 @@ ROUTES: tuple[JsonRoute, ...] = (
     JsonRoute("/rerank", ApiFamily.RERANK),
 )
 BY_PATH: dict[str, JsonRoute] = {r.path: r for r in ROUTES}
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where one model's requests of one family go on its backend."""
+
+    path: str
+    served_name: str | None  # the ``model`` value the backend insists on; None: untouched
+
+
+def upstream_table(config: Config) -> dict[tuple[str, ApiFamily], Upstream]:
+    """Every (model, family) its backend serves, worked out once at startup so
+    the hot path does one lookup; a missing pair is a family the backend lacks."""
+    table = {}
+    for spec in config.models:
+        adapter = adapter_for(spec)
+        served = adapter.rewrite_model(spec, config.model_path(spec))
+        for family in ApiFamily:
+            path = adapter.upstream_path(spec, family)
+            if path is not None:
+                table[spec.name, family] = Upstream(path, served)
+    return table
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -91,44 +114,45 @@ async def dispatch(
     services: Services, route: JsonRoute, scope: Scope, receive: Receive, send: Send
 ) -> None:
     """Serve one forwarded request: the whole hot path."""
+    if scope["method"] != "POST":
+        message = f"Method {scope['method']} not allowed on {route.path}; use POST"
+        await send_json(send, 405, error_body(message, "invalid_request_error", "405"),
+                        {"Allow": "POST"})  # fmt: skip
+        return
     try:
         body = await read_body(receive)
         if body is None:
             return
         data = parse_json_object(body)
         spec: ModelConfig = services.registry.for_family(requested_model(data), route.family)
-        adapter = adapter_for(spec)
-        path = adapter.upstream_path(spec, route.family)
-        if path is None:
+        upstream = services.upstreams.get((spec.name, route.family))
+        if upstream is None:
             raise WrongModelType(
                 f"The {spec.backend.value} backend of '{spec.name}' does not serve "
                 f"{route.family.value} requests"
             )
-        served = services.served_names[spec.name]
-        if served is not None:
-            body = rewrite_json_model(body, data, served)
+        if upstream.served_name is not None:
+            body = rewrite_json_model(body, data, upstream.served_name)
         lease = await services.scheduler.acquire(spec)
-        upstream = await forward(
+        response = await forward(
             services.client,
             lease,
             scope["method"],
-            path,
+            upstream.path,
             body,
             scope["headers"],
             scope.get("query_string", b""),
-            content_type=b"application/json",  # the body was checked to be JSON
+            content_type=JSON,  # the body was checked to be JSON
         )
     except DynllmError as exc:
         await send_json(send, exc.status, exc.body(), exc.headers())
         return
     except Exception:
         log.exception("unexpected error serving %s", route.path)
-        body_ = error_body(
-            "Internal error in dynllm; see its log", "server_error", "internal_error"
-        )
-        await send_json(send, 500, body_)
+        internal = DynllmError("Internal error in dynllm; see its log")
+        await send_json(send, internal.status, internal.body())
         return
-    await upstream(scope, receive, send)
+    await response(scope, receive, send)
 
 
 def _model_entry(services: Services, spec: ModelConfig) -> dict[str, Any]:
@@ -152,22 +176,8 @@ async def list_models(request: Request) -> Response:
 
 async def get_model(request: Request) -> Response:
     services = request.app.state.services
-    try:
-        spec = services.registry.get(request.path_params["model"])
-    except DynllmError as exc:
-        return JSONResponse(exc.body(), status_code=exc.status)
+    spec = services.registry.get(request.path_params["model"])  # 404 via the app's handler
     return JSONResponse(_model_entry(services, spec))
-
-
-async def serve_forwarding(
-    services: Services, route: JsonRoute, scope: Scope, receive: Receive, send: Send
-) -> None:
-    if scope["method"] != "POST":
-        message = f"Method {scope['method']} not allowed on {route.path}; use POST"
-        await send_json(send, 405, error_body(message, "invalid_request_error", "405"),
-                        {"Allow": "POST"})  # fmt: skip
-        return
-    await dispatch(services, route, scope, receive, send)
 
 
 def install(app: FastAPI) -> None:

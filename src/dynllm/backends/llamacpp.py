@@ -11,7 +11,7 @@ from dynllm.registry import ApiFamily
 
 class LlamaCpp(Adapter):
     name = BackendName.LLAMACPP
-    probe_path = "/health"  # 503 "Loading model" until the weights are in, then 200
+    # probe_path: the default /health, 503 "Loading model" until the weights are in, then 200
     routes: ClassVar = {
         ApiFamily.CHAT: "/v1/chat/completions",
         ApiFamily.COMPLETIONS: "/v1/completions",
