@@ -9,10 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from dynllm.app import instance_marker
 from dynllm.errors import ModelFileMissing
 from dynllm.launcher import ProcessEffects
 from dynllm.scheduler import PortTaken
-from tests.conftest import ConfigFactory, free_port, register_marker
+from tests.conftest import ConfigFactory, free_port
 
 
 @pytest.fixture
@@ -24,9 +25,8 @@ async def probe() -> AsyncIterator[httpx.AsyncClient]:
 async def test_a_taken_port_is_reported_as_port_taken(
     make_config: ConfigFactory, probe: httpx.AsyncClient
 ) -> None:
-    config = make_config([{"name": "A"}])
-    register_marker(config)
-    effects = ProcessEffects(config, "t", probe)
+    config = make_config([{"name": "A"}])  # registers its marker for the leak check
+    effects = ProcessEffects(config, instance_marker(config), probe)
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
@@ -37,11 +37,13 @@ async def test_a_taken_port_is_reported_as_port_taken(
 
 async def test_start_then_stop(make_config: ConfigFactory, probe: httpx.AsyncClient) -> None:
     config = make_config([{"name": "A"}])
-    effects = ProcessEffects(config, "t", probe)
+    effects = ProcessEffects(config, instance_marker(config), probe)
     handle = await effects.start(config.models[0], free_port(), lambda h: None)
-    assert handle.returncode is None
-    assert any("/health" in line for line in effects.logs("A"))  # its output is captured
-    await effects.stop(handle)
+    try:
+        assert handle.returncode is None
+        assert any("/health" in line for line in effects.logs("A"))  # its output is captured
+    finally:
+        await effects.stop(handle)
     assert handle.returncode == 0
 
 
@@ -49,6 +51,6 @@ async def test_missing_model_file(
     make_config: ConfigFactory, probe: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     config = make_config([{"name": "A", "path": str(tmp_path / "absent.gguf")}])
-    effects = ProcessEffects(config, "t", probe)
+    effects = ProcessEffects(config, instance_marker(config), probe)
     with pytest.raises(ModelFileMissing, match=r"absent\.gguf"):
         await effects.start(config.models[0], free_port(), lambda h: None)

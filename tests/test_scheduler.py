@@ -34,7 +34,6 @@ class FakeHandle:
     pid: int = field(default_factory=lambda: next(_pids))
     started_at: float = 0.0
     returncode: int | None = None
-    stopping: bool = False
 
     @property
     def pgid(self) -> int:
@@ -80,7 +79,6 @@ class FakeEffects:
 
     async def stop(self, handle: Handle) -> None:
         assert isinstance(handle, FakeHandle)
-        handle.stopping = True
         self.log.append(("stop", handle.name))
         if not self.auto:
             await self.gate(f"stop:{handle.name}")
@@ -185,11 +183,9 @@ async def test_concurrent_first_requests_share_one_load() -> None:
 
 
 async def test_load_does_not_block_loaded_models() -> None:
-    s, fx, _, _ = make([{"name": "A", "vram_mb": 100}, {"name": "B", "vram_mb": 100}], auto=False)
-    first = asyncio.create_task(s.acquire(spec(s, "A")))
-    await settle()
-    fx.open("start:A")
-    (await first).release()
+    s, fx, _, _ = make([{"name": "A", "vram_mb": 100}, {"name": "B", "vram_mb": 100}])
+    (await s.acquire(spec(s, "A"))).release()
+    fx.auto = False
     slow = asyncio.create_task(s.acquire(spec(s, "B")))
     await settle()
     assert s.slots["B"].state is ModelState.LOADING
@@ -377,11 +373,9 @@ async def test_unload_during_load_cancels_it() -> None:
 
 
 async def test_request_during_unload_waits_then_reloads() -> None:
-    s, fx, _, _ = make(AB, auto=False)
-    t = asyncio.create_task(s.acquire(spec(s, "A")))
-    await settle()
-    fx.open("start:A")
-    (await t).release()
+    s, fx, _, _ = make(AB)
+    (await s.acquire(spec(s, "A"))).release()
+    fx.auto = False
     unload = asyncio.create_task(s.unload(spec(s, "A")))
     await settle()
     assert s.slots["A"].state is ModelState.UNLOADING

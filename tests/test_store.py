@@ -48,8 +48,8 @@ async def test_schema_wal_and_queued_writes(tmp_path: Path) -> None:
     await store.open()
     try:
         store.record("A", status="loading", vram_mb=100)
-        store.record("A", status="loaded", pid=123, port=9100, load_count="+1")
-        store.record("A", load_count="+1")
+        store.record("A", status="loaded", pid=123, port=9100, load_count=1)
+        store.record("A", load_count=2)
         await store.flush()
         rows = await store.rows()
         assert rows["A"]["status"] == "loaded"
@@ -76,7 +76,8 @@ async def test_reopen_keeps_rows_and_does_not_migrate_again(tmp_path: Path) -> N
     for _ in range(2):
         store = Store(tmp_path / "state.db", "m1")
         await store.open()
-        store.record("A", load_count="+1")
+        count = (await store.rows()).get("A", {}).get("load_count", 0)
+        store.record("A", load_count=count + 1)  # as the scheduler does after restore()
         await store.flush()
         await store.close()
     store = Store(tmp_path / "state.db", "m1")

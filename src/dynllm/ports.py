@@ -11,8 +11,11 @@ import time
 
 from dynllm.errors import Unavailable
 
+BACKEND_HOST = "127.0.0.1"
+"""Where backends listen: loopback only, dynllm is their one client."""
 
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+
+def port_is_free(port: int, host: str = BACKEND_HOST) -> bool:
     """Whether a server could bind ``port`` now.  SO_REUSEADDR, as llama-server,
     uvicorn and aiohttp set it: connections of an earlier backend lingering in
     TIME_WAIT do not block a new listener, and must not make the pool think the

@@ -45,7 +45,7 @@ from dynllm.errors import (
     ShuttingDown,
     Unavailable,
 )
-from dynllm.ports import PortPool
+from dynllm.ports import BACKEND_HOST, PortPool
 
 log = logging.getLogger("dynllm.scheduler")
 
@@ -81,9 +81,6 @@ class Handle(Protocol):
 
     @property
     def returncode(self) -> int | None: ...
-
-    @property
-    def stopping(self) -> bool: ...
 
     def stderr_tail(self, n: int = 20) -> list[str]: ...
 
@@ -151,7 +148,7 @@ class Lease:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{BACKEND_HOST}:{self.port}"
 
     def release(self) -> None:
         if not self.released:
@@ -197,7 +194,7 @@ class Scheduler:
         for name, row in rows.items():
             slot = self.slots.get(name)
             if slot is not None:
-                slot.load_count = int(row.get("load_count") or 0)
+                slot.load_count = int(row["load_count"])
                 slot.last_error = row.get("last_error")
 
     # ---- transitions -------------------------------------------------------------
@@ -280,7 +277,7 @@ class Scheduler:
         elif isinstance(decision, ledger.Evict):
             self._begin_load(slot, [self.slots[name] for name in decision.victims])
         elif isinstance(decision, ledger.Impossible):
-            if slot.spec.vram_mb > self.config.total_vram_mb:
+            if not decision.pinned:  # the budget itself is the reason
                 raise ModelTooLarge(
                     f"The model '{slot.name}' {decision.reason}; raise total_vram_mb"
                 )
@@ -296,8 +293,7 @@ class Scheduler:
         served = False
         try:
             remaining = deadline - self._clock()
-            if remaining <= 0 and not waiter.future.done():
-                raise TimeoutError
+            # timeout <= 0: a done future's result at once, else TimeoutError.
             await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max(remaining, 0))
             served = True
             return waiter
@@ -418,7 +414,7 @@ class Scheduler:
                 port=port,
                 loaded_at=now_wall,
                 last_used=now_wall,
-                load_count="+1",
+                load_count=slot.load_count,
                 last_error=None,
             )
             log.info("'%s' is ready on port %d (pid %d)", slot.name, port, handle.pid)
@@ -441,40 +437,37 @@ class Scheduler:
         try:
             await self.effects.stop(handle)
         finally:
-            self._forget_backend(slot)
-            self._move(slot, ModelState.UNLOADED, pid=None, pgid=None, port=None)
-            slot.stopped.set()
-            self._pump()
+            self._backend_gone(slot)
 
-    def _forget_backend(self, slot: Slot) -> None:
+    def _backend_gone(self, slot: Slot, **fields: Any) -> None:
+        """The process is gone: free its port and VRAM, wake whoever waits."""
         if slot.port is not None:
             self.ports.release(slot.port)
         slot.handle, slot.port = None, None
         slot.generation += 1
         slot.in_flight = 0
+        self._move(slot, ModelState.UNLOADED, pid=None, pgid=None, port=None, **fields)
+        slot.stopped.set()
+        self._pump()
 
     def _on_exit(self, slot: Slot, handle: Handle) -> None:
         """The process is gone.  Only a death nobody asked for is handled here."""
-        if handle is not slot.handle or handle.stopping or slot.state is not ModelState.READY:
+        # A stop we asked for runs in UNLOADING (or LOADING, for a failed start).
+        if handle is not slot.handle or slot.state is not ModelState.READY:
             return
         tail = " | ".join(handle.stderr_tail(5))
         slot.last_error = f"backend exited unexpectedly with code {handle.returncode}: {tail}"
         log.error("'%s' %s", slot.name, slot.last_error)
-        self._forget_backend(slot)
-        self._move(slot, ModelState.UNLOADED, pid=None, pgid=None, port=None,
-                   last_error=slot.last_error)  # fmt: skip
-        slot.stopped.set()
-        self._pump()
+        self._backend_gone(slot, last_error=slot.last_error)
 
     async def unload(self, spec: ModelConfig, *, force: bool = False) -> bool:
         """Unload by hand.  A busy model is refused unless ``force``.  Returns
         whether anything was running."""
         slot = self.slots[spec.name]
         if slot.state is ModelState.LOADING:
-            if slot.load_task is not None:
-                slot.load_task.cancel()
+            assert slot.load_task is not None and slot.load is not None
+            slot.load_task.cancel()
             with contextlib.suppress(DynllmError):
-                assert slot.load is not None
                 await asyncio.shield(slot.load)
             return True
         if slot.state is ModelState.UNLOADING:
@@ -525,10 +518,9 @@ class Scheduler:
             waiter = self._queue.popleft()
             if not waiter.future.done():
                 waiter.future.set_exception(ShuttingDown("dynllm is shutting down"))
-        for slot in self.slots.values():
-            if slot.load_task is not None:
-                slot.load_task.cancel()
-        loads = [s.load for s in self.slots.values() if s.load is not None]
+        loads = [s.load_task for s in self.slots.values() if s.load_task is not None]
+        for task in loads:
+            task.cancel()
         await asyncio.gather(*loads, return_exceptions=True)
         for slot in self.slots.values():
             if slot.state is ModelState.READY:

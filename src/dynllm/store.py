@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ import aiosqlite
 import psutil
 
 from dynllm.backends.base import MARKER_ENV
+from dynllm.supervisor import killpg
 
 log = logging.getLogger("dynllm.store")
 
@@ -68,6 +68,25 @@ class Orphan:
     name: str
     pid: int
     pgid: int | None
+
+
+def _check_columns(fields: Iterable[str]) -> None:
+    unknown = set(fields) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown state columns: {sorted(unknown)}")
+
+
+def _upsert(name: str, fields: dict[str, Any], now: float) -> tuple[str, tuple[Any, ...]]:
+    """One statement that creates the row or sets ``fields`` on it.  Column
+    names go into the SQL text, so only those in COLUMNS are accepted."""
+    _check_columns(fields)
+    cols = [*fields, "updated_at"]
+    sql = (
+        f"INSERT INTO models (name, {', '.join(cols)}) "
+        f"VALUES (?{', ?' * len(cols)}) "
+        f"ON CONFLICT(name) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in cols)}"
+    )
+    return sql, (name, *fields.values(), now)
 
 
 class Store:
@@ -119,9 +138,7 @@ class Store:
 
     # ---- writes (queued, one writer) -----------------------------------------
     def record(self, name: str, **fields: Any) -> None:
-        unknown = set(fields) - set(COLUMNS)
-        if unknown:
-            raise ValueError(f"unknown state columns: {sorted(unknown)}")
+        _check_columns(fields)
         self._queue.put_nowait((name, fields))
 
     async def flush(self) -> None:
@@ -148,20 +165,7 @@ class Store:
                     waiter.set_result(None)
 
     async def _apply(self, name: str, fields: dict[str, Any]) -> None:
-        now = time.time()
-        increment = fields.pop("load_count", None) == "+1"
-        cols = list(fields)
-        assignments = ", ".join(f"{c} = ?" for c in cols)
-        if increment:
-            assignments = ", ".join(filter(None, [assignments, "load_count = load_count + 1"]))
-        await self.db.execute(
-            "INSERT INTO models (name, updated_at) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
-            (name, now),
-        )
-        await self.db.execute(
-            f"UPDATE models SET {assignments}, updated_at = ? WHERE name = ?",
-            (*[fields[c] for c in cols], now, name),
-        )
+        await self.db.execute(*_upsert(name, fields, time.time()))
 
     # ---- reads ------------------------------------------------------------------
     async def rows(self) -> dict[str, dict[str, Any]]:
@@ -185,16 +189,12 @@ class Store:
                 note = "orphaned backend from a previous run was stopped at startup"
             elif row["status"] not in ("unloaded", None):
                 note = f"was {row['status']} when dynllm stopped; reset at startup"
-            await self.db.execute(
-                "UPDATE models SET status='unloaded', pid=NULL, proc_started_at=NULL, "
-                "pgid=NULL, port=NULL, last_error=?, updated_at=? WHERE name=?",
-                (note, now, name),
-            )
+            reset = {"status": "unloaded", "pid": None, "proc_started_at": None,
+                     "pgid": None, "port": None, "last_error": note}  # fmt: skip
+            await self.db.execute(*_upsert(name, reset, now))
         for name in known:
-            await self.db.execute(
-                "INSERT INTO models (name, updated_at) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
-                (name, now),
-            )
+            if name not in rows:
+                await self.db.execute(*_upsert(name, {}, now))
         await self.db.commit()
         return orphans
 
@@ -211,13 +211,11 @@ class Store:
     async def _stop_orphan(self, orphan: Orphan, grace: float) -> None:
         log.warning("stopping orphaned backend of '%s' (pid %d)", orphan.name, orphan.pid)
         group = orphan.pgid or orphan.pid
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signal.SIGTERM)
+        killpg(group, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and psutil.pid_exists(orphan.pid):
             with contextlib.suppress(psutil.NoSuchProcess):
                 if psutil.Process(orphan.pid).status() == psutil.STATUS_ZOMBIE:
                     break
             await asyncio.sleep(0.05)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signal.SIGKILL)
+        killpg(group, signal.SIGKILL)

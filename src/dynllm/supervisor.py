@@ -58,7 +58,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _killpg(pgid: int, sig: signal.Signals) -> None:
+def killpg(pgid: int, sig: signal.Signals) -> None:
+    """Signal a process group; one already gone (or not ours) is not an error."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
 
@@ -155,7 +156,7 @@ class BackendProcess:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*self._drains), timeout=1.0)
         # Anything the backend forked into its group goes with it.
-        _killpg(self.pgid, signal.SIGKILL)
+        killpg(self.pgid, signal.SIGKILL)
         self._move(ProcState.EXITED)
         self.exited.set()
         if self._on_exit is not None:
@@ -232,15 +233,11 @@ class BackendProcess:
     async def _stop(self, grace: float) -> None:
         if not self.exited.is_set():
             self._move(ProcState.STOPPING)
-            _killpg(self.pgid, signal.SIGTERM)
+            killpg(self.pgid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.exited.wait(), timeout=grace)
             except TimeoutError:
                 self._log.warning("did not exit %.1f s after SIGTERM; sending SIGKILL", grace)
-                _killpg(self.pgid, signal.SIGKILL)
+                killpg(self.pgid, signal.SIGKILL)
                 await self.exited.wait()
         await self._watcher
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop_task is not None

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from dynllm.config import BackendName, ModelConfig
+from dynllm.ports import BACKEND_HOST
 from dynllm.registry import ApiFamily
 
 # Inherited variables that silently change a backend's behaviour (a stray
@@ -29,7 +30,7 @@ class Launch:
     model: ModelConfig
     model_path: Path
     port: int
-    host: str = "127.0.0.1"
+    host: str = BACKEND_HOST
 
 
 class Adapter:
