@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 CONTENT = re.compile(rb'"content":\s*"c\d')  # a token of the paced backend
 ANY_CONTENT = re.compile(rb'"content":\s*"[^"]')  # a non-empty token of any backend
-TOKEN = b"sk-bench-0123456789abcdef"  # LiteLLM wants a master key; the others ignore it
+MASTER_KEY = "sk-bench-0123456789abcdef"  # LiteLLM wants a master key; the others ignore it
+TOKEN = MASTER_KEY.encode()
 
 
 @dataclass

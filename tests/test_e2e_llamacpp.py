@@ -21,16 +21,15 @@ import psutil
 import pytest
 
 from dynllm.app import instance_marker
-from dynllm.config import load_config
 from tests.conftest import (
     ConfigFactory,
     backends_with_marker,
-    llama_server_binary,
     poll,
-    register_marker,
     serve,
     subprocess_env,
 )
+from tests.support.binaries import llama_server_binary
+from tests.support.net import http_ok
 
 LLAMA = {"context_size": 256, "n_gpu_layers": 0, "extra_args": ["-t", "1", "--no-webui"]}
 
@@ -131,7 +130,7 @@ async def test_backend_error_passes_through_and_backend_survives(
 
 
 @pytest.fixture
-def dynllm_process(make_config: ConfigFactory) -> Iterator[Any]:
+def dynllm_process() -> Iterator[Any]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(config_path: Path) -> subprocess.Popen[bytes]:
@@ -158,13 +157,11 @@ def dynllm_process(make_config: ConfigFactory) -> Iterator[Any]:
 def test_sigkill_leaves_no_backend_and_restart_recovers(
     make_config: ConfigFactory, dynllm_process: Any
 ) -> None:
-    path = make_config.write(real_models(), **real_backend(total_vram_mb=8000))
-    config = load_config(path)
-    register_marker(config)
+    path, config = make_config.write_and_load(real_models(), **real_backend(total_vram_mb=8000))
     base = f"http://127.0.0.1:{config.server.port}"
     with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
         proc = dynllm_process(path)
-        poll(lambda: _up(http), 30)
+        poll(lambda: http_ok(http), 30)
         for model in ("tiny", "tiny2"):
             r = http.post(
                 "/v1/chat/completions", json={"model": model, "messages": [], "max_tokens": 2}
@@ -185,7 +182,7 @@ def test_sigkill_leaves_no_backend_and_restart_recovers(
         assert gone_after <= 2.0
 
         dynllm_process(path)
-        poll(lambda: _up(http), 30)
+        poll(lambda: http_ok(http), 30)
         admin = {m["name"]: m for m in http.get("/admin/models").json()["models"]}
         assert admin["tiny"]["status"] == "unloaded" and admin["tiny2"]["status"] == "unloaded"
         assert admin["tiny"]["pid"] is None and admin["tiny2"]["pid"] is None
@@ -196,10 +193,3 @@ def test_sigkill_leaves_no_backend_and_restart_recovers(
         assert r.status_code == 200
         admin = {m["name"]: m for m in http.get("/admin/models").json()["models"]}
         assert admin["tiny"]["status"] == "loaded" and admin["tiny"]["pid"] not in pids
-
-
-def _up(http: httpx.Client) -> bool:
-    try:
-        return http.get("/health").status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -1,8 +1,11 @@
-"""Free loopback ports for tests and the bench: bind 127.0.0.1:0 and let the OS choose."""
+"""Loopback helpers for tests and the bench: free ports (bind 127.0.0.1:0 and let the
+OS choose) and a health probe."""
 
 from __future__ import annotations
 
 import socket
+
+import httpx
 
 from dynllm.ports import port_is_free
 
@@ -22,3 +25,11 @@ def free_port_range(size: int) -> tuple[int, int]:
         if all(port_is_free(p) for p in range(start, start + size)):
             return start, start + size - 1
     raise RuntimeError("no free port window")
+
+
+def http_ok(http: httpx.Client, path: str = "/health") -> bool:
+    """Whether ``GET path`` on ``http``'s base URL answers 200 (False if nothing answers)."""
+    try:
+        return http.get(path).status_code == 200
+    except httpx.HTTPError:
+        return False
