@@ -20,11 +20,32 @@ import yaml
 from dynllm.app import create_app, instance_marker
 from dynllm.backends.base import MARKER_ENV
 from dynllm.config import Config, load_config
+from tests.support import envs
 from tests.support.net import free_port, free_port_range
 from tests.support.tiny_gguf import write_tiny_embedding, write_tiny_llama
 
 FAKE_SERVER = Path(__file__).parent / "support" / "fake_llama_server.py"
 _markers: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Build the backend environments and model fixtures that are not cached
+    yet (the first run pays minutes; later runs nothing).  DYNLLM_TEST_BUILD_ENVS=0
+    skips building: their tests are then skipped, loudly."""
+    if os.environ.get("DYNLLM_TEST_BUILD_ENVS", "1") == "0":
+        return
+    writer = session.config.get_terminal_writer()
+    failures = envs.build_all(envs.registered(), log=lambda line: writer.line(f"[envs] {line}"))
+    for name, reason in failures.items():
+        writer.line(f"[envs] {name} could not be built; its tests will be skipped:\n{reason}",
+                    red=True)  # fmt: skip
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if envs.SKIPPED:
+        terminalreporter.section("BACKEND ENVIRONMENTS UNAVAILABLE (tests skipped)", red=True)
+        for reason in sorted(set(envs.SKIPPED)):
+            terminalreporter.line(reason, red=True)
 
 
 def _deadline(timeout: float) -> Iterator[None]:

@@ -36,6 +36,7 @@ class BackendName(StrEnum):
     OPENVINO = "openvino"
     TRANSFORMERS = "transformers"
     VLLM = "vllm"
+    COMMAND = "command"
 
 
 class ModelType(StrEnum):
@@ -102,6 +103,7 @@ class BackendSettings(_Strict):
             BackendName.OPENVINO: self.ovms_binary,
             BackendName.TRANSFORMERS: self.transformers_binary,
             BackendName.VLLM: self.vllm_binary,
+            BackendName.COMMAND: "",  # per model: ModelConfig.command[0]
         }[backend]
 
 
@@ -139,6 +141,8 @@ class ModelConfig(_Strict):
     # llama.cpp
     n_gpu_layers: int = -1
     context_size: int = Field(4096, ge=0)
+    mmproj: str | None = None
+    """Multimodal projector GGUF (``--mmproj``): audio input, or images in chat."""
     # OpenVINO Model Server
     target_device: str = "CPU"
     ovms_shape: str | None = None
@@ -152,6 +156,16 @@ class ModelConfig(_Strict):
     attn_implementation: str | None = None
     model_timeout: NonNegInt | None = None
     revision: str | None = None
+    # vLLM
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    # command: any OpenAI- or KServe-compatible server
+    command: list[str] | None = None
+    """argv with {port}, {host}, {model_path} and {name} replaced at launch."""
+    health_path: str = "/health"
+    upstream_paths: dict[str, str] = Field(default_factory=dict)
+    """Per API family (chat, completions, embeddings, rerank, audio.transcriptions,
+    audio.translations, audio.speech, images.generations, responses, kserve):
+    the backend's path, where it differs from OpenAI's."""
     # dynllm
     unload_time: float | None = None
     pinned: bool = False
@@ -201,6 +215,7 @@ class Config(_Strict):
     idle_check_interval_seconds: PositiveFloat = 5
     queue_timeout_seconds: PositiveFloat = 120
     upstream_read_timeout_seconds: PositiveFloat | None = None
+    max_upload_mb: Annotated[float, Field(gt=0)] = 256
 
     # Where relative paths are resolved from (the config file's folder).
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
