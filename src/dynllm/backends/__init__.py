@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dynllm.backends.base import Adapter, Launch
+from dynllm.backends.command import Command
 from dynllm.backends.llamacpp import LlamaCpp
 from dynllm.backends.ovms import Ovms
 from dynllm.backends.transformers import Transformers
@@ -10,7 +11,7 @@ from dynllm.backends.vllm import Vllm
 from dynllm.config import BackendName, Config, ModelConfig
 
 ADAPTERS: dict[BackendName, Adapter] = {
-    a.name: a for a in (LlamaCpp(), Ovms(), Transformers(), Vllm())
+    a.name: a for a in (LlamaCpp(), Ovms(), Transformers(), Vllm(), Command())
 }
 
 
