@@ -1,12 +1,44 @@
-"""llama.cpp ``llama-server``: one process per GGUF model."""
+"""llama.cpp ``llama-server``: one process per GGUF model.
+
+A model with ``mmproj`` also loads that multimodal projector GGUF
+(``--mmproj``): images in chat for a vision projector, and, for a
+``transcription`` model with an audio projector, OpenAI's
+``/v1/audio/transcriptions`` (multipart; ``response_format=json`` only).
+llama-server has no translations route, and without ``--mmproj`` its
+transcription route answers 501, so neither is offered then.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from dynllm.backends.base import Adapter, Launch
-from dynllm.config import BackendName, ModelType
+from dynllm.config import BackendName, ModelConfig, ModelType
 from dynllm.registry import ApiFamily
+
+
+def mmproj_path(launch: Launch) -> Path | None:
+    """The projector's path: ``mmproj`` as is when absolute, else under the
+    folder ``path`` was resolved from (``models_dir``, or the config's folder).
+
+    The launch carries only the resolved model path, so that folder is found
+    by taking the model's relative ``path`` off its end; for an absolute model
+    ``path`` it is the model file's own folder.
+    """
+    m = launch.model
+    if m.mmproj is None:
+        return None
+    projector = Path(m.mmproj).expanduser()
+    if projector.is_absolute():
+        return projector
+    relative = Path(m.path).expanduser()
+    if relative.is_absolute():
+        return launch.model_path.parent / projector
+    base = launch.model_path
+    for _ in relative.parts:
+        base = base.parent
+    return base / projector
 
 
 class LlamaCpp(Adapter):
@@ -18,6 +50,7 @@ class LlamaCpp(Adapter):
         ApiFamily.EMBEDDINGS: "/v1/embeddings",
         ApiFamily.RERANK: "/v1/rerank",
     }
+    transcription_path: ClassVar = "/v1/audio/transcriptions"
     bind_failure_markers = ("couldn't bind http server socket", "address already in use")
 
     def argv(self, launch: Launch) -> list[str]:
@@ -31,8 +64,17 @@ class LlamaCpp(Adapter):
             "-ngl", str(m.n_gpu_layers),
             "--alias", m.name,
         ]  # fmt: skip
+        projector = mmproj_path(launch)
+        if projector is not None:
+            args += ["--mmproj", str(projector)]
         if m.model_type is ModelType.EMBEDDING:
             args += ["--embeddings", "--pooling", "mean"]
         elif m.model_type is ModelType.RERANK:
             args += ["--reranking"]
         return args + list(m.extra_args)
+
+    def upstream_path(self, model: ModelConfig, family: ApiFamily) -> str | None:
+        if family is ApiFamily.TRANSCRIPTION:
+            audio = model.model_type is ModelType.TRANSCRIPTION and model.mmproj is not None
+            return self.transcription_path if audio else None
+        return self.routes.get(family)
