@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from dynllm.backends import ADAPTERS, adapter_for, command_line
+from dynllm.backends import ADAPTERS, Launch, adapter_for, command_line
 from dynllm.backends.command import OPENAI_PATHS, Command
-from dynllm.config import BackendName, ModelType, parse_config
+from dynllm.config import BackendName, ConfigError, ModelType, parse_config
 from dynllm.registry import SERVES, ApiFamily
 
 
@@ -71,10 +71,19 @@ def test_other_braces_pass_through_and_launch_binary_is_not_used() -> None:
     assert "" not in line  # binary_for(COMMAND) is "": never part of the argv
 
 
+@pytest.mark.parametrize("command", [None, [], [""]])
+def test_missing_command_is_a_config_error(command: list[str] | None) -> None:
+    with pytest.raises(ConfigError, match=r"models\[0\] \('m'\)\.command: .*argv"):
+        config_with(command=command)
+
+
 @pytest.mark.parametrize("command", [None, []])
-def test_missing_command_is_a_clear_error(command: list[str] | None) -> None:
+def test_adapter_refuses_a_model_without_command(command: list[str] | None) -> None:
+    # a ModelConfig that skipped validation (model_copy does not validate)
+    model = spec().model_copy(update={"command": command})
+    launch = Launch(binary="", model=model, model_path=Path("/m"), port=1)
     with pytest.raises(ValueError, match=r"model 'm'.*'command'"):
-        argv(command=command)
+        Command().argv(launch)
 
 
 def test_probe_is_the_health_path_with_the_name() -> None:
@@ -94,7 +103,7 @@ def test_routes_are_the_openai_paths_of_the_families_the_type_serves(model_type:
     served = {f: p for f, p in routes.items() if p is not None}
     assert set(served) == SERVES[model_type]
     for family, path in served.items():
-        expected = "/v2/models/m" if family is ApiFamily.KSERVE else OPENAI_PATHS[family]
+        expected = "/v2/models/m" if family is ApiFamily.KSERVE else OPENAI_PATHS[family.value]
         assert path == expected
 
 

@@ -28,17 +28,19 @@ from dynllm.backends.base import Adapter, Launch
 from dynllm.config import BackendName, ModelConfig
 from dynllm.registry import SERVES, ApiFamily
 
-OPENAI_PATHS: dict[ApiFamily, str] = {
-    ApiFamily.CHAT: "/v1/chat/completions",
-    ApiFamily.COMPLETIONS: "/v1/completions",
-    ApiFamily.EMBEDDINGS: "/v1/embeddings",
-    ApiFamily.RERANK: "/v1/rerank",
-    ApiFamily.TRANSCRIPTION: "/v1/audio/transcriptions",
-    ApiFamily.TRANSLATION: "/v1/audio/translations",
-    ApiFamily.SPEECH: "/v1/audio/speech",
-    ApiFamily.IMAGES: "/v1/images/generations",
+OPENAI_PATHS: dict[str, str] = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "responses": "/v1/responses",
+    "embeddings": "/v1/embeddings",
+    "rerank": "/v1/rerank",
+    "audio.transcriptions": "/v1/audio/transcriptions",
+    "audio.translations": "/v1/audio/translations",
+    "audio.speech": "/v1/audio/speech",
+    "images.generations": "/v1/images/generations",
 }
-"""Where an OpenAI-compatible server answers each family (KServe is per model)."""
+"""Where an OpenAI-compatible server answers each family, keyed like
+``upstream_paths`` (the family's value); KServe is per model."""
 
 KSERVE_PREFIX = "/v2/models/"
 
@@ -79,7 +81,7 @@ class Command(Adapter):
             return substitute(override, {"name": model.name})
         if family is ApiFamily.KSERVE:
             return KSERVE_PREFIX + model.name
-        return OPENAI_PATHS.get(family)
+        return OPENAI_PATHS.get(family.value)
 
     def rewrite_model(self, model: ModelConfig, launch_path: Path) -> str | None:
         # An arbitrary server's notion of its model name is unknown: forward
