@@ -86,6 +86,12 @@ def test_adapter_refuses_a_model_without_command(command: list[str] | None) -> N
         Command().argv(launch)
 
 
+def test_model_path_placeholder_needs_a_path() -> None:
+    assert argv(path="", command=["srv", "{port}"]) == ["srv", "9123"]
+    with pytest.raises(ValueError, match=r"\{model_path\} but 'path' is empty"):
+        argv(path="", command=["srv", "--model", "{model_path}"])
+
+
 def test_probe_is_the_health_path_with_the_name() -> None:
     adapter = adapter_for(spec())
     assert adapter.probe(spec()) == "/health"

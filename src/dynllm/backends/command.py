@@ -62,13 +62,18 @@ class Command(Adapter):
                 f"model '{m.name}': backend 'command' needs a non-empty 'command' "
                 "(the argv that starts the server, with {port} and {host})"
             )
+        args = [*m.command, *m.extra_args]
+        if not m.path and any("{model_path}" in arg for arg in args):
+            raise ValueError(
+                f"model '{m.name}': the command uses {{model_path}} but 'path' is empty"
+            )
         values = {
             "port": str(launch.port),
             "host": launch.host,
             "model_path": str(launch.model_path),
             "name": m.name,
         }
-        return [substitute(arg, values) for arg in (*m.command, *m.extra_args)]
+        return [substitute(arg, values) for arg in args]
 
     def probe(self, model: ModelConfig) -> str:
         return substitute(model.health_path, {"name": model.name})
