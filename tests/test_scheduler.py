@@ -91,11 +91,17 @@ class FakeEffects:
 
 
 class Clock:
+    """A clock the test moves; ``step`` > 0 makes every reading advance it
+    (a deadline computed and checked in one synchronous step then passes)."""
+
     def __init__(self) -> None:
         self.now = 100.0
+        self.step = 0.0
 
     def __call__(self) -> float:
-        return self.now
+        now = self.now
+        self.now += self.step
+        return now
 
 
 def make_config(models: list[dict[str, Any]], **top: Any) -> Config:
@@ -361,14 +367,18 @@ async def test_manual_unload_refuses_busy_unless_forced() -> None:
     assert await s.unload(spec(s, "A")) is False
 
 
-async def test_unload_during_load_cancels_it() -> None:
+async def test_forced_unload_during_load_cancels_it() -> None:
     s, _fx, _, _ = make(AB, auto=False)
     waiter = asyncio.create_task(s.acquire(spec(s, "A")))
     await settle()
-    assert await s.unload(spec(s, "A")) is True
+    with pytest.raises(ModelBusy):  # a request waits for this load
+        await s.unload(spec(s, "A"))
+    assert s.slots["A"].pending == 1 and s.slots["A"].load_task is not None
+    assert await s.unload(spec(s, "A"), force=True) is True
     with pytest.raises(Exception, match="cancelled"):
         await waiter
     assert s.slots["A"].state is ModelState.UNLOADED
+    assert s.slots["A"].pending == 0
     assert s.ports.leased == frozenset()
 
 

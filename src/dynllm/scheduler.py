@@ -9,14 +9,27 @@ interface, which tests replace with a recorded fake.
 Model states and their edges (each taken in one place)::
 
     UNLOADED  -> LOADING     _begin_load      (admitted: VRAM reserved)
-    LOADING   -> READY       _load            (backend answered its probe)
-    LOADING   -> UNLOADED    _load            (start failed, timed out, cancelled)
+    LOADING   -> READY       _start           (backend answered its probe)
+    LOADING   -> UNLOADED    _load_done       (start failed, timed out, cancelled,
+                                               even before the load task first ran)
     READY     -> UNLOADING   _begin_unload    (evicted, idle, by hand, shutdown)
     READY     -> UNLOADED    _on_exit         (backend died on its own)
     UNLOADING -> UNLOADED    _unload          (process reaped)
 
 A model holds VRAM in LOADING, READY and UNLOADING: memory counts as free
 only once the process is gone.
+
+Cancellation: a client that leaves cancels the task inside ``acquire``.  Every
+exit from ``acquire`` (lease, error, cancel at any ``await``) goes through
+``_settle``, which takes the request out of the queue, uncounts it from
+``pending`` and pumps the queue.  A queued request is skipped by the pump as
+soon as its task is cancelled (its turn future is cancelled with it), so it
+never causes an eviction or a load.  Loads are shared and shielded: one waiter
+leaving never cancels one; a load nobody waits for any more still finishes and
+the model idles until the idle job unloads it.  Stops are never cut short
+either: whoever waits for one (a load, ``unload``, the idle job, shutdown)
+waits without cancelling it, so VRAM is never booked free while a process
+still holds it.
 """
 
 from __future__ import annotations
@@ -156,13 +169,17 @@ class Lease:
             self._scheduler._release(self._slot, self.generation)
 
 
-@dataclass(eq=False)
-class _Waiter:
+@dataclass(eq=False, slots=True)
+class _Request:
+    """One call of ``acquire``: what it is counted in, so that every exit
+    (``_settle``) can uncount it."""
+
     slot: Slot
-    future: asyncio.Future[asyncio.Future[None] | None]
-    """Resolved with the load to join (None: none to join) when it may go ahead."""
-    held: bool = False
-    """The pump counted this request in ``slot.pending`` for it."""
+    turn: asyncio.Future[None] | None = None
+    """While queued for VRAM: resolved by the pump when the request may go
+    ahead, cancelled with the request's task (the pump then skips it)."""
+    counted: bool = False
+    """Counted in ``slot.pending``: waiting for a load, or let through by the pump."""
 
 
 class Scheduler:
@@ -182,7 +199,7 @@ class Scheduler:
         self._persist: Persist = persist or (lambda name, **fields: None)
         self._clock = clock
         self._wall = wall
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[_Request] = deque()
         self._seq = 0
         self._closing = False
         self._unloads: set[asyncio.Task[None]] = set()
@@ -233,20 +250,32 @@ class Scheduler:
         Joins a load already in flight; evicts idle models the ledger names;
         waits in FIFO order (up to queue_timeout_seconds) when only busy models
         stand in the way.  Raises a DynllmError when the model cannot be served.
-        """
-        slot = self.slots[spec.name]
+
+        Cancelling the calling task at any point is safe: the request leaves
+        the queue, is uncounted, and the queue moves on; a load it started or
+        joined goes on for the others (or, with nobody left, finishes and
+        idles).  A lease returned is counted in flight until ``release``."""
+        request = _Request(self.slots[spec.name])
+        try:
+            return await self._acquire(request)
+        finally:
+            self._settle(request)
+
+    async def _acquire(self, request: _Request) -> Lease:
+        slot = request.slot
         deadline = self._clock() + self.config.queue_timeout_seconds
         while True:
             if self._closing:
                 raise ShuttingDown("dynllm is shutting down")
             if slot.state is ModelState.READY:
-                slot.in_flight += 1
-                return Lease(self, slot)
+                return self._lease(request)
             if slot.state is ModelState.LOADING:
                 assert slot.load is not None
-                slot.pending += 1
-                await self._join_load(slot, slot.load)
-                continue
+                self._count(request)  # before the await: nothing evicts it meanwhile
+                # Shielded: this request leaving must not cancel a shared load.
+                await asyncio.shield(slot.load)
+                continue  # READY (or taken away again meanwhile: look afresh)
+            self._uncount(request)  # its load is over; the model is not there
             if slot.state is ModelState.UNLOADING:
                 await slot.stopped.wait()
                 continue
@@ -255,20 +284,36 @@ class Scheduler:
                 if not isinstance(decision, ledger.Wait):
                     self._admit(slot, decision)
                     continue
-            waiter = await self._wait_turn(slot, deadline)
-            if waiter.held:
-                await self._join_load(slot, waiter.future.result())
+            await self._wait_turn(request, deadline)
 
-    async def _join_load(self, slot: Slot, load: asyncio.Future[None] | None) -> None:
-        """Wait for a load the caller is counted in (``pending``) and uncount it.
+    def _lease(self, request: _Request) -> Lease:
+        """Turn the request into a request in flight; no await in between."""
+        self._uncount(request)
+        request.slot.in_flight += 1
+        return Lease(self, request.slot)
 
-        The load is shielded: one client leaving must not cancel a load that
-        other requests are waiting for."""
-        try:
-            if load is not None:
-                await asyncio.shield(load)
-        finally:
-            slot.pending -= 1
+    def _count(self, request: _Request) -> None:
+        if not request.counted:
+            request.counted = True
+            request.slot.pending += 1
+
+    def _uncount(self, request: _Request) -> None:
+        if request.counted:
+            request.counted = False
+            request.slot.pending -= 1
+
+    def _settle(self, request: _Request) -> None:
+        """The one exit of ``acquire`` (lease, error or cancellation): leave
+        the queue, drop the ``pending`` count, let the queue move on.  A model
+        nobody waits for any more may be what the queue's head was waiting for."""
+        turn, request.turn = request.turn, None
+        if turn is not None:
+            turn.cancel()  # a served turn stays served (and was popped by the pump)
+            if turn.cancelled():  # never served: still queued unless the pump dropped it
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(request)
+        self._uncount(request)
+        self._pump()
 
     def _admit(self, slot: Slot, decision: ledger.Decision) -> None:
         """Act on a decision that does not wait.  Synchronous on purpose."""
@@ -285,41 +330,40 @@ class Scheduler:
         else:
             raise AssertionError(decision)
 
-    async def _wait_turn(self, slot: Slot, deadline: float) -> _Waiter:
-        """Queue until the pump lets this request go ahead (or the deadline passes)."""
-        waiter = _Waiter(slot, asyncio.get_running_loop().create_future())
-        self._queue.append(waiter)
+    async def _wait_turn(self, request: _Request, deadline: float) -> None:
+        """Queue until the pump lets this request go ahead (or the deadline passes).
+
+        The task awaits the turn future itself (no shield): cancelling the task
+        cancels the turn at once, so the pump can no longer act for a request
+        that has left, even before its task runs again."""
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        request.turn = turn
+        self._queue.append(request)
         self._pump()
-        served = False
         try:
-            remaining = deadline - self._clock()
-            # timeout <= 0: a done future's result at once, else TimeoutError.
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout=max(remaining, 0))
-            served = True
-            return waiter
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a
+            # cancellation that arrives as the awaited future completes.
+            async with asyncio.timeout(max(deadline - self._clock(), 0)):
+                await turn
         except TimeoutError:
-            raise QueueTimeout(
-                f"The model '{slot.name}' needs VRAM held by busy models; gave up after "
-                f"{self.config.queue_timeout_seconds:g} s (queue_timeout_seconds)",
-                retry_after=RETRY_AFTER_SECONDS,
-            ) from None
-        finally:
-            if waiter in self._queue:
-                self._queue.remove(waiter)
-                self._pump()
-            elif waiter.held and not served:
-                slot.pending -= 1
-                self._pump()
+            if turn.cancelled():  # the timeout came first
+                raise QueueTimeout(
+                    f"The model '{request.slot.name}' needs VRAM held by busy models; gave up "
+                    f"after {self.config.queue_timeout_seconds:g} s (queue_timeout_seconds)",
+                    retry_after=RETRY_AFTER_SECONDS,
+                ) from None
+            turn.result()  # served in the same tick the time ran out: go ahead (or raise)
 
     def _pump(self) -> None:
         """Serve queued requests in arrival order while the head can go ahead.
 
         A request let through while its model loads (or is ready) is counted in
         ``pending`` right here, before it runs again, so nothing can evict the
-        model in between."""
+        model in between.  A request whose task was cancelled is dropped unseen."""
         while self._queue and not self._closing:
             head = self._queue[0]
-            if head.future.done():
+            assert head.turn is not None
+            if head.turn.done():
                 self._queue.popleft()
                 continue
             slot = head.slot
@@ -331,13 +375,12 @@ class Scheduler:
                     self._admit(slot, decision)
                 except DynllmError as exc:
                     self._queue.popleft()
-                    head.future.set_exception(exc)
+                    head.turn.set_exception(exc)
                     continue
             self._queue.popleft()
             if slot.state in (ModelState.LOADING, ModelState.READY):
-                slot.pending += 1
-                head.held = True
-            head.future.set_result(slot.load if slot.state is ModelState.LOADING else None)
+                self._count(head)
+            head.turn.set_result(None)
 
     def _release(self, slot: Slot, generation: int) -> None:
         if generation != slot.generation:
@@ -357,22 +400,36 @@ class Scheduler:
         # Nobody may be waiting (preload, admin load): don't warn about it.
         slot.load.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._move(slot, ModelState.LOADING, vram_mb=slot.spec.vram_mb)
-        slot.load_task = asyncio.create_task(self._load(slot, stops), name=f"load-{slot.name}")
+        task = asyncio.create_task(self._load(slot, stops), name=f"load-{slot.name}")
+        slot.load_task = task
+        # A done callback, not a try/finally in _load: a task cancelled before
+        # its first step never runs its body, and must not leave LOADING behind.
+        task.add_done_callback(partial(self._load_done, slot))
 
     async def _load(self, slot: Slot, stops: list[asyncio.Task[None]]) -> None:
-        assert slot.load is not None
-        result: BaseException | None = None
-        try:
-            if stops:
-                await asyncio.gather(*stops)
-            await self._start(slot)
-        except asyncio.CancelledError:
+        if stops:
+            # Wait for the evictions without cancelling them if this load is
+            # cancelled: a stop cut short would free VRAM a process still holds.
+            await asyncio.wait(stops)
+            errors = [e for e in (stop.exception() for stop in stops) if e is not None]
+            if errors:
+                raise errors[0]
+        await self._start(slot)
+
+    def _load_done(self, slot: Slot, task: asyncio.Task[None]) -> None:
+        """Resolve the shared load future from how the load task ended."""
+        assert slot.load is not None and not slot.load.done()
+        slot.load_task = None
+        result: BaseException | None
+        if task.cancelled():
             result = Unavailable(f"loading '{slot.name}' was cancelled")
-        except DynllmError as exc:
-            result = exc
-        except Exception as exc:
-            log.exception("unexpected error while loading '%s'", slot.name)
-            result = BackendStartFailed(f"loading '{slot.name}' failed: {exc!r}")
+        else:
+            exc = task.exception()
+            if exc is None or isinstance(exc, DynllmError):
+                result = exc
+            else:
+                log.error("unexpected error while loading '%s'", slot.name, exc_info=exc)
+                result = BackendStartFailed(f"loading '{slot.name}' failed: {exc!r}")
         if result is None:
             slot.load.set_result(None)
         else:
@@ -380,7 +437,6 @@ class Scheduler:
             log.error("%s", slot.last_error)
             self._move(slot, ModelState.UNLOADED, pid=None, port=None, last_error=slot.last_error)
             slot.load.set_exception(result)
-        slot.load_task = None
         self._pump()
 
     async def _start(self, slot: Slot) -> None:
@@ -460,27 +516,41 @@ class Scheduler:
         log.error("'%s' %s", slot.name, slot.last_error)
         self._backend_gone(slot, last_error=slot.last_error)
 
+    def waiting(self, slot: Slot) -> int:
+        """Requests waiting for ``slot``: joined to its load, let through by the
+        pump and not yet leased, or queued for VRAM to load it."""
+        queued = sum(
+            1 for r in self._queue if r.slot is slot and r.turn is not None and not r.turn.done()
+        )
+        return slot.pending + queued
+
     async def unload(self, spec: ModelConfig, *, force: bool = False) -> bool:
-        """Unload by hand.  A busy model is refused unless ``force``.  Returns
-        whether anything was running."""
+        """Unload by hand.  A model serving or awaited by requests is refused
+        (ModelBusy) unless ``force``.  Returns whether anything was running.
+
+        The decision is taken before the first await; cancelling the caller
+        afterwards does not cut the stop (or the cancelled load) short."""
         slot = self.slots[spec.name]
-        if slot.state is ModelState.LOADING:
-            assert slot.load_task is not None and slot.load is not None
-            slot.load_task.cancel()
-            with contextlib.suppress(DynllmError):
-                await asyncio.shield(slot.load)
-            return True
+        if slot.state is ModelState.UNLOADED:
+            return False
         if slot.state is ModelState.UNLOADING:
             await slot.stopped.wait()
             return True
-        if slot.state is ModelState.UNLOADED:
-            return False
-        if slot.in_flight and not force:
+        waiting = self.waiting(slot)
+        if (slot.in_flight or waiting) and not force:
             raise ModelBusy(
-                f"The model '{slot.name}' is serving {slot.in_flight} request(s); "
-                'retry later or send {"force": true} to stop it anyway'
+                f"The model '{slot.name}' is serving {slot.in_flight} request(s) and "
+                f"{waiting} more wait for it; retry later or send "
+                '{"force": true} to stop it anyway'
             )
-        await self._begin_unload(slot, "unloaded by request")
+        if slot.state is ModelState.LOADING:
+            assert slot.load is not None
+            if slot.load_task is not None:
+                slot.load_task.cancel()
+            with contextlib.suppress(DynllmError):
+                await asyncio.shield(slot.load)
+            return True
+        await asyncio.shield(self._begin_unload(slot, "unloaded by request"))
         return True
 
     def flush_usage(self) -> None:
@@ -508,16 +578,16 @@ class Scheduler:
         victims = self.idle_victims()
         tasks = [self._begin_unload(s, "idle timeout") for s in victims]
         if tasks:
-            await asyncio.gather(*tasks)
+            await asyncio.shield(asyncio.gather(*tasks))  # never cut a stop short
         return [s.name for s in victims]
 
     async def shutdown(self) -> None:
         self._closing = True
         self.flush_usage()
         while self._queue:
-            waiter = self._queue.popleft()
-            if not waiter.future.done():
-                waiter.future.set_exception(ShuttingDown("dynllm is shutting down"))
+            turn = self._queue.popleft().turn
+            if turn is not None and not turn.done():
+                turn.set_exception(ShuttingDown("dynllm is shutting down"))
         loads = [s.load_task for s in self.slots.values() if s.load_task is not None]
         for task in loads:
             task.cancel()
@@ -526,7 +596,7 @@ class Scheduler:
             if slot.state is ModelState.READY:
                 self._begin_unload(slot, "shutdown")
         if self._unloads:
-            await asyncio.gather(*list(self._unloads), return_exceptions=True)
+            await asyncio.wait(list(self._unloads))  # waits without cancelling them
 
     # ---- views ----------------------------------------------------------------------
     def snapshot(self, slot: Slot) -> dict[str, Any]:
