@@ -226,7 +226,7 @@ def test_check_config_path_is_relative_to_the_working_directory(tmp_path: Path) 
     )
     result = run_cli(tmp_path, "--check-config", "mine.yaml")
     assert result.returncode == 0, result.stderr
-    assert "WARNING" not in result.stdout  # the file exists
+    assert "file not found" not in result.stdout  # the file exists
     assert "pinned" in result.stdout
     cmd = commands(result.stdout)["chat"]
     assert value_of(cmd, "-m") == str(tmp_path.resolve() / "models" / "chat.gguf")

@@ -547,7 +547,7 @@ INVALID_CONFIGS: list[Invalid] = [
         "missing-path",
         {"models": [{"name": "chat", "backend": "llamacpp", "vram_mb": 1}]},
         "models[0] ('chat').path",
-        "Field required",
+        "backend 'llamacpp' needs the model's path",
     ),
     Invalid(
         "negative-vram",

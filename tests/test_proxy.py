@@ -1,4 +1,5 @@
-"""The forwarding path: header handling (pure) and connection retries."""
+"""The forwarding path: header handling (pure), the retry policy (only a
+connection that could not be opened is tried again), error translation."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncio
 import pytest
 
 from dynllm.errors import BackendError
-from dynllm.proxy import CONNECT_ATTEMPTS, forward, make_client, request_headers, response_headers
+from dynllm.proxy import forward, make_client, request_headers, response_headers
+from tests.support.net import free_port
 from tests.test_scheduler import make_config
 
 
@@ -67,54 +69,85 @@ class _Lease:
         self.released += 1
 
 
-async def _server_dropping_first(drops: int) -> tuple[asyncio.Server, int, list[int]]:
-    """Closes its first ``drops`` connections unread (as a busy llama-server
-    does), then answers 200 with the request body."""
-    seen = [0]
+async def _server_reading_then_dropping() -> tuple[asyncio.Server, int, list[bytes]]:
+    """Reads each request whole, then drops the connection without answering."""
+    seen: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        seen[0] += 1
-        if seen[0] <= drops:
-            writer.transport.abort()  # reset, nothing read
-            return
         head = await reader.readuntil(b"\r\n\r\n")
         fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
         length = int({k.lower(): v for k, v in fields.items()}[b"content-length"])
-        body = await reader.readexactly(length)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        writer.close()
+        seen.append(await reader.readexactly(length))
+        writer.transport.abort()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], seen
 
 
-async def test_forward_retries_a_dropped_connection() -> None:
-    server, port, seen = await _server_dropping_first(2)
+async def test_a_request_the_backend_read_is_never_sent_again() -> None:
+    server, port, seen = await _server_reading_then_dropping()
     client = make_client(make_config([]))
     lease = _Lease(port)
     try:
-        response = await forward(client, lease, "POST", "/v1/x", b'{"a":1}', [])  # type: ignore[arg-type]
-        assert response.upstream.status == 200
-        assert await response.upstream.read() == b'{"a":1}'
-        response.upstream.release()
-        assert seen[0] == 3 and lease.released == 0  # the lease now belongs to the response
+        with pytest.raises(BackendError) as failed:
+            await forward(client, lease, "POST", "/v1/x", b'{"a":1}', [])  # type: ignore[arg-type]
+        assert seen == [b'{"a":1}']  # exactly once
+        assert failed.value.status == 502 and lease.released == 1
+        message = failed.value.message
+        assert message.startswith("The backend for 'm' ")
+        assert "not sent again" in message and "Error(" not in message, message
     finally:
         await client.close()
         server.close()
 
 
-async def test_forward_gives_up_with_a_502_and_releases_the_lease() -> None:
-    server, port, seen = await _server_dropping_first(100)
+async def test_a_connection_that_cannot_be_opened_is_retried_then_502() -> None:
+    port = free_port()  # nothing listens there
     client = make_client(make_config([]))
     lease = _Lease(port)
     try:
-        with pytest.raises(BackendError, match="did not answer"):
+        with pytest.raises(BackendError) as failed:
             await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
-        assert lease.released == 1 and seen[0] == CONNECT_ATTEMPTS
+        assert failed.value.message == (
+            "The backend for 'm' could not be reached (connection refused: is it still running?)"
+        )
+        assert lease.released == 1
     finally:
         await client.close()
-        server.close()
+
+
+async def test_a_refused_connection_is_retried_until_the_backend_listens() -> None:
+    port = free_port()
+    client = make_client(make_config([]))
+    lease = _Lease(port)
+    attempts = 0
+    server: asyncio.Server | None = None
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    real_request = client.request
+
+    async def counting(*args: object, **kwargs: object) -> object:
+        nonlocal attempts, server
+        attempts += 1
+        if attempts == 2:  # the backend starts listening between two tries
+            server = await asyncio.start_server(answer, "127.0.0.1", port)
+        return await real_request(*args, **kwargs)  # type: ignore[arg-type]
+
+    client.request = counting  # type: ignore[method-assign]
+    try:
+        response = await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+        assert attempts == 2 and response.upstream.status == 200  # type: ignore[union-attr]
+        assert await response.upstream.read() == b"ok"  # type: ignore[union-attr]
+        response.upstream.release()  # type: ignore[union-attr]
+    finally:
+        await client.close()
+        if server is not None:
+            server.close()
 
 
 async def test_backend_cookies_are_never_replayed_to_other_requests() -> None:

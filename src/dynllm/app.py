@@ -24,7 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from dynllm import __version__
-from dynllm.api import admin, openai
+from dynllm.api import admin, kserve, openai, routes
+from dynllm.api.dispatch import dispatch
+from dynllm.backends import Upstream, missing_binary, upstream_table
 from dynllm.config import Config
 from dynllm.errors import DynllmError, error_body, invalid_request
 from dynllm.launcher import ProcessEffects
@@ -45,10 +47,10 @@ class Services:
     effects: ProcessEffects
     client: aiohttp.ClientSession
     started_at: float = field(default_factory=time.time)
-    upstreams: dict[tuple[str, ApiFamily], openai.Upstream] = field(init=False)
+    upstreams: dict[tuple[str, ApiFamily], Upstream] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.upstreams = openai.upstream_table(self.config)
+        self.upstreams = upstream_table(self.config)
 
 
 def instance_marker(config: Config) -> str:
@@ -67,9 +69,20 @@ class Front:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            route = openai.BY_PATH.get(scope["path"])
+            path = scope["path"]
+            route = routes.BY_PATH.get(path)  # the OpenAI routes: one dict lookup
             if route is not None:
-                await openai.dispatch(self.state.services, route, scope, receive, send)
+                await dispatch(self.state.services, route, None, scope, receive, send)
+                return
+            kserve_path = routes.parse_kserve(path)
+            if kserve_path is not None:
+                if kserve_path.suffix == routes.READY_SUFFIX:
+                    await kserve.model_ready(
+                        self.state.services, kserve_path, scope["method"], send
+                    )
+                    return
+                kroute = routes.KSERVE_INFER if kserve_path.suffix else routes.KSERVE_METADATA
+                await dispatch(self.state.services, kroute, kserve_path, scope, receive, send)
                 return
         await self.api(scope, receive, send)
 
@@ -78,6 +91,9 @@ def create_app(config: Config) -> Front:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         marker = instance_marker(config)
+        for model in config.models:
+            if (problem := missing_binary(config, model)) is not None:
+                log.warning("%s", problem)
         for model in config.missing_model_files():
             log.warning(
                 "model file for '%s' does not exist: %s", model.name, config.model_path(model)
@@ -130,6 +146,7 @@ def create_app(config: Config) -> Front:
     )
     install_error_handlers(app)
     openai.install(app)
+    kserve.install(app)
     admin.install(app)
     return Front(app)
 

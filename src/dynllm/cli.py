@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dynllm import __version__
-from dynllm.backends import adapter_for, command_line
+from dynllm.backends import adapter_for, command_line, missing_binary
 from dynllm.config import LOG_LEVELS, Config, ConfigError, LogLevel, load_config
 
 EXIT_CONFIG = 2
@@ -77,6 +77,8 @@ def check_config(path: Path) -> int:
             flags.append("pinned")
         if model.name in missing:
             flags.append(f"WARNING: file not found: {config.model_path(model)}")
+        if (problem := missing_binary(config, model)) is not None:
+            flags.append(f"WARNING: {problem}")
         kind = f"{model.backend.value}, {model.model_type.value}"
         print(f"\n{model.name} ({kind}; {', '.join(flags)})")
         print(f"  {shlex.join(argv)}")

@@ -134,7 +134,7 @@ def _timeout_seconds(value: Any) -> float | None:
 
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
-    path: str = Field(min_length=1)
+    path: str = ""
     backend: BackendName
     model_type: ModelType = ModelType.LLM
     vram_mb: NonNegInt
@@ -173,6 +173,18 @@ class ModelConfig(_Strict):
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     aliases: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> ModelConfig:
+        if self.backend is BackendName.COMMAND:
+            if not self.command or not self.command[0]:
+                raise ValueError(
+                    "command: backend 'command' needs the argv that starts the server, "
+                    'e.g. ["my-server", "--port", "{port}", "--host", "{host}"]'
+                )
+        elif not self.path:
+            raise ValueError(f"path: backend '{self.backend.value}' needs the model's path")
+        return self
 
     @field_validator("unload_time", mode="before")
     @classmethod
@@ -274,7 +286,7 @@ class Config(_Strict):
         return model.load_timeout_seconds or self.load_timeout_seconds
 
     def missing_model_files(self) -> list[ModelConfig]:
-        return [m for m in self.models if not self.model_path(m).exists()]
+        return [m for m in self.models if m.path and not self.model_path(m).exists()]
 
 
 def _format_location(loc: tuple[int | str, ...], data: Any) -> str:
@@ -324,9 +336,19 @@ def parse_config(data: Any, base_dir: Path | None = None) -> Config:
     if data.get("preload_models") is None:
         data = {**data, "preload_models": []}
     try:
-        return Config.model_validate({**data, "base_dir": base_dir or Path.cwd()})
+        config = Config.model_validate({**data, "base_dir": base_dir or Path.cwd()})
     except ValidationError as exc:
         raise ConfigError(_readable(exc, data)) from None
+    from dynllm.backends import type_problem  # the adapters import this module
+
+    problems = [
+        f"models[{i}].model_type ('{model.name}'): {problem}"
+        for i, model in enumerate(config.models)
+        if (problem := type_problem(model))
+    ]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
 
 
 def load_config(path: str | Path) -> Config:

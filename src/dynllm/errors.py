@@ -3,10 +3,13 @@
     DynllmError                      status  type                     code
     ├── BadRequest                   400     invalid_request_error    invalid_request
     │   ├── InvalidJSON              400     invalid_request_error    invalid_json
+    │   ├── InvalidMultipart         400     invalid_request_error    invalid_multipart
     │   ├── WrongModelType           400     invalid_request_error    model_type_mismatch
     │   └── ModelTooLarge            400     invalid_request_error    model_too_large
     ├── ModelNotFound                404     invalid_request_error    model_not_found
+    ├── MethodNotAllowed             405     invalid_request_error    method_not_allowed (+Allow)
     ├── ModelBusy                    409     conflict_error           model_busy
+    ├── PayloadTooLarge              413     invalid_request_error    payload_too_large
     ├── BackendError                 502     backend_error            ...
     │   ├── BackendStartFailed       502     backend_error            backend_start_failed
     │   ├── BackendExited            502     backend_error            backend_exited
@@ -15,19 +18,31 @@
     ├── Unavailable                  503     unavailable_error        ...
     │   ├── QueueTimeout             503     unavailable_error        queue_timeout (+Retry-After)
     │   ├── InsufficientVRAM         503     unavailable_error        insufficient_vram
+    │   ├── BackendMissing           503     unavailable_error        backend_not_installed
     │   └── ShuttingDown             503     unavailable_error        shutting_down
     └── LoadTimeout                  504     timeout_error            load_timeout
 
-Each class maps once to an HTTP status and to the OpenAI error body
-``{"error": {"message", "type", "code"}}``; after a stream has started the
-same body is sent as one SSE ``data:`` event instead (see ``sse_event``).
+Each class maps once to an HTTP status and, through ``render``, to the
+error shape of the route that failed: the OpenAI body
+``{"error": {"message", "type", "code"}}`` on ``/v1``, KServe's
+``{"error": "..."}`` on ``/v2``; after a stream has started the OpenAI body is
+sent as one SSE ``data:`` event instead (see ``sse_event``).  A backend's own
+error bodies are translated into the same shapes by ``from_backend``.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from enum import Enum
 from typing import Any
+
+
+class Shape(Enum):
+    """The error body a route's clients expect."""
+
+    OPENAI = "openai"
+    KSERVE = "kserve"
 
 
 class DynllmError(Exception):
@@ -47,6 +62,11 @@ class DynllmError(Exception):
         if self.retry_after is None:
             return {}
         return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+    def render(self, shape: Shape = Shape.OPENAI) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers and JSON body of this error for a route of ``shape``."""
+        body = {"error": self.message} if shape is Shape.KSERVE else self.body()
+        return self.status, self.headers(), json.dumps(body).encode()
 
     def sse_event(self) -> bytes:
         return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
@@ -75,6 +95,10 @@ class InvalidJSON(BadRequest):
     code = "invalid_json"
 
 
+class InvalidMultipart(BadRequest):
+    code = "invalid_multipart"
+
+
 class WrongModelType(BadRequest):
     code = "model_type_mismatch"
 
@@ -87,6 +111,25 @@ class ModelNotFound(DynllmError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class MethodNotAllowed(DynllmError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
+
+
+class PayloadTooLarge(DynllmError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
 
 
 class ModelBusy(DynllmError):
@@ -136,6 +179,10 @@ class InsufficientVRAM(Unavailable):
     code = "insufficient_vram"
 
 
+class BackendMissing(Unavailable):
+    code = "backend_not_installed"
+
+
 class ShuttingDown(Unavailable):
     code = "shutting_down"
 
@@ -144,3 +191,61 @@ class LoadTimeout(DynllmError):
     status = 504
     type = "timeout_error"
     code = "load_timeout"
+
+
+class BackendAnswer(DynllmError):
+    """An error the backend itself answered with, in the route's shape: its
+    status is kept, its message is taken out of whatever shape it used."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str | int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+        self.code = str(code)
+
+
+MAX_BACKEND_MESSAGE = 2000
+
+
+def _message_of(data: Any) -> str | None:
+    """The human message inside the error shapes backends use: llama.cpp's and
+    vLLM's ``{"error": {"message"}}``, OVMS's ``{"error": "..."}``, FastAPI's
+    (transformers serve) ``{"detail": "..."}`` or its 422 list of problems,
+    and a top-level ``{"message"}`` (older vLLM, many others)."""
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    if isinstance(error, str):
+        return error
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return str(error["message"])
+    detail = data.get("detail")
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
+        return invalid_request(
+            {"loc": d.get("loc") or (), "msg": str(d.get("msg", d))} for d in detail
+        ).message
+    message = data.get("message")
+    return message if isinstance(message, str) else None
+
+
+def from_backend(status: int, body: bytes, model: str) -> BackendAnswer:
+    """A backend's error response (status >= 400) as a dynllm error."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        data = None
+    message = _message_of(data)
+    if message is None:
+        text = body.decode("utf-8", "replace").strip()
+        message = text or f"the backend for '{model}' answered HTTP {status} with no message"
+    code: str | int = status
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        inner = data["error"].get("code")
+        if isinstance(inner, str) and inner:
+            code = inner
+    type_ = "invalid_request_error" if status < 500 else "backend_error"
+    if len(message) > MAX_BACKEND_MESSAGE:
+        message = message[:MAX_BACKEND_MESSAGE] + "..."
+    return BackendAnswer(status, message, type_, code)

@@ -9,9 +9,9 @@ from collections.abc import Callable, Mapping
 
 import httpx
 
-from dynllm.backends import adapter_for, launch_for
+from dynllm.backends import adapter_for, launch_for, missing_binary
 from dynllm.config import Config, ModelConfig
-from dynllm.errors import BackendExited, ModelFileMissing
+from dynllm.errors import BackendExited, BackendMissing, ModelFileMissing
 from dynllm.scheduler import Handle, PortTaken
 from dynllm.supervisor import BackendProcess
 
@@ -35,7 +35,9 @@ class ProcessEffects:
     ) -> Handle:
         adapter = adapter_for(spec)
         launch = launch_for(self.config, spec, port)
-        if not launch.model_path.exists():
+        if (problem := missing_binary(self.config, spec)) is not None:
+            raise BackendMissing(problem[0].upper() + problem[1:])
+        if spec.path and not launch.model_path.exists():
             raise ModelFileMissing(
                 f"The model file for '{spec.name}' does not exist: {launch.model_path}"
             )

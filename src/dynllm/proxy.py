@@ -2,9 +2,14 @@
 
 This is the hot path: bytes pass through untouched (no parsing, no
 re-encoding, no buffering), and the lease is released in ``finally`` when the
-last byte is sent, the client goes away, or the backend fails.  A backend
-that fails after the response has started ends an event stream with one SSE
-error event in the OpenAI shape.
+last byte is sent, the client goes away (the dispatcher cancels the task that
+runs this), or the backend fails.  A backend that fails after the response
+has started ends an event stream with one SSE error event in the OpenAI
+shape.  A backend's own error answer (status >= 400) is translated into the
+route's error shape, its status kept.
+
+A request is sent again only when the connection to the backend could not be
+opened: once it was written, the backend may have read (and acted on) it.
 """
 
 from __future__ import annotations
@@ -15,10 +20,11 @@ from collections.abc import Iterable
 
 import aiohttp
 from multidict import CIMultiDict
-from starlette.types import Receive, Scope, Send
+from starlette.types import Send
 
+from dynllm.api.bodies import Spool
 from dynllm.config import Config
-from dynllm.errors import BackendError, MidStreamFailure
+from dynllm.errors import BackendError, MidStreamFailure, Shape, from_backend
 from dynllm.scheduler import Lease
 
 log = logging.getLogger("dynllm.proxy")
@@ -44,6 +50,7 @@ HOP_BY_HOP = frozenset(
 _REQUEST_DROP_TYPED = HOP_BY_HOP | {b"content-type"}
 _RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
 CONNECT_ATTEMPTS = 5
+MAX_ERROR_BODY = 64 << 10
 KEEPALIVE_SECONDS = 4.0
 MAX_CONNECTIONS = 1024  # to all backends together: room for many concurrent streams
 WHOLE_BODY_BYTES = 1 << 20
@@ -105,51 +112,42 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]], is_sse: bool) -> list[t
     return out
 
 
-class UpstreamResponse:
-    """An ASGI response that relays an upstream response chunk by chunk.
+class Finish:
+    """Set by the relay just before its last body message, so the disconnect
+    watcher can tell a client that left from a response that completed."""
 
-    For event streams it also watches for the client's disconnect, so an
-    abandoned generation is cancelled upstream at once rather than at the
-    next write (a backend may think for a long time before its next token).
-    Other responses notice a vanished client when a write fails.
-    """
+    __slots__ = ("done", "started")
+
+    def __init__(self) -> None:
+        self.started = False
+        self.done = False
+
+
+class UpstreamResponse:
+    """An ASGI-style response that relays an upstream response chunk by chunk."""
+
+    __slots__ = ("is_sse", "lease", "upstream")
 
     def __init__(self, upstream: aiohttp.ClientResponse, lease: Lease) -> None:
         self.upstream = upstream
         self.lease = lease
         self.is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watcher: asyncio.Task[None] | None = None
-        gone = False
-        relay = asyncio.current_task()
-        assert relay is not None
+    async def send_to(self, send: Send, finish: Finish) -> None:
+        complete = False
         try:
-            if self.is_sse:
-
-                async def watch_disconnect() -> None:
-                    nonlocal gone
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    gone = True
-                    relay.cancel()
-
-                watcher = asyncio.create_task(watch_disconnect())
-            await self._relay(send)
-        except asyncio.CancelledError:
-            if not gone:
-                raise  # not ours: shutdown or the server cancelled us
-            relay.uncancel()
-        except OSError:
-            pass  # the client went away between writes
+            await self._relay(send, finish)
+            complete = True
         finally:
-            if watcher is not None:
-                watcher.cancel()
-            self.upstream.release()  # back to the pool if fully read, else closed
+            if complete:
+                self.upstream.release()  # back to the pool if fully read
+            else:  # the client left or the backend failed: the backend sees it closed
+                self.upstream.close()
             self.lease.release()
 
-    async def _relay(self, send: Send) -> None:
+    async def _relay(self, send: Send, finish: Finish) -> None:
         upstream = self.upstream
+        finish.started = True
         await send(
             {
                 "type": "http.response.start",
@@ -163,18 +161,41 @@ class UpstreamResponse:
                 # A small answer of known size (most non-streamed ones): one
                 # body message instead of one per received piece plus an end.
                 body = await upstream.read()
+                finish.done = True
                 await send({"type": "http.response.body", "body": body, "more_body": False})
                 return
             async for chunk in upstream.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (TimeoutError, aiohttp.ClientError) as exc:
             name = self.lease.spec.name
-            log.warning("backend for '%s' failed mid-response: %r", name, exc)
+            what = plain_failure(exc)
+            log.warning("backend for '%s' failed mid-response: %s", name, what)
             if not self.is_sse:
                 raise  # the server drops the connection: the client sees a truncated body
-            error = MidStreamFailure(f"The backend for '{name}' failed mid-stream: {exc!r}")
+            error = MidStreamFailure(f"The backend for '{name}' failed mid-stream: {what}")
             await send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
+        finish.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class ErrorAnswer:
+    """A backend's error answer, translated into the route's error shape."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    async def send_to(self, send: Send, finish: Finish) -> None:
+        raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.body))]
+        raw += [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
+        finish.started = True
+        await send({"type": "http.response.start", "status": self.status, "headers": raw})
+        finish.done = True
+        await send({"type": "http.response.body", "body": self.body})
+
+
+Answer = UpstreamResponse | ErrorAnswer
 
 
 async def forward(
@@ -182,37 +203,89 @@ async def forward(
     lease: Lease,
     method: str,
     path: str,
-    body: bytes,
+    body: bytes | Spool | None,
     headers: Iterable[tuple[bytes, bytes]],
     query: bytes = b"",
     content_type: str | None = None,
-) -> UpstreamResponse:
-    """Send the request; the returned response owns the lease from here on."""
+    shape: Shape = Shape.OPENAI,
+) -> Answer:
+    """Send the request; the returned answer owns the lease from here on."""
     url = lease.base_url + path + ("?" + query.decode("latin-1") if query else "")
     sent_headers = request_headers(headers, content_type)
+    if isinstance(body, Spool):
+        sent_headers["content-length"] = str(body.length)
     attempt = 0
-    try:  # any exit other than a response (a cancel during backoff too) frees the lease
+    try:  # any exit other than an answer (a cancel during backoff too) frees the lease
         while True:
             attempt += 1
+            data = body.stream() if isinstance(body, Spool) else body
             try:
                 upstream = await client.request(
-                    method, url, data=body, headers=sent_headers, allow_redirects=False
+                    method, url, data=data, headers=sent_headers, allow_redirects=False
                 )
-                return UpstreamResponse(upstream, lease)
-            except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
-                # A backend with a small connection pool (llama-server's HTTP
-                # threads) drops connections it cannot take yet, before reading
-                # the request: nothing was processed, so trying again is safe.
+            except aiohttp.ClientConnectorError as exc:
+                # The connection could not be opened: nothing was sent, so
+                # trying again cannot repeat the request.
                 if attempt == CONNECT_ATTEMPTS:
                     raise _no_answer(lease, exc) from exc
-                log.debug("'%s' refused a connection (%r); retrying", lease.spec.name, exc)
+                log.debug("'%s' refused a connection (%s); retrying", lease.spec.name, exc)
                 await asyncio.sleep(0.05 * attempt)
+                continue
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                # Sent, at least in part: the backend may have read it; never again.
                 raise _no_answer(lease, exc) from exc
+            if upstream.status < 400:
+                return UpstreamResponse(upstream, lease)
+            return await _error_answer(upstream, lease, shape)
     except BaseException:
         lease.release()
         raise
 
 
+async def _error_answer(upstream: aiohttp.ClientResponse, lease: Lease, shape: Shape) -> Answer:
+    """Read a backend's error answer and put it in the route's shape (an event
+    stream or an oversized body is relayed as it is)."""
+    length = upstream.content_length
+    if upstream.headers.get("content-type", "").startswith("text/event-stream") or (
+        length is not None and length > MAX_ERROR_BODY
+    ):
+        return UpstreamResponse(upstream, lease)
+    try:
+        body = await upstream.content.read(MAX_ERROR_BODY)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        upstream.close()
+        raise _no_answer(lease, exc) from exc
+    except BaseException:  # cancelled: the client left
+        upstream.close()
+        raise
+    if upstream.content.is_eof():
+        upstream.release()
+    else:
+        upstream.close()
+    lease.release()
+    status, headers, payload = from_backend(upstream.status, body, lease.spec.name).render(shape)
+    return ErrorAnswer(status, headers, payload)
+
+
+def plain_failure(exc: BaseException) -> str:
+    """What went wrong with a backend connection, in words (never a library repr)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "could not be reached (connection refused: is it still running?)"
+        return "could not be reached (the connection could not be opened)"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "closed the connection without answering"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "stopped sending its answer midway"
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "did not answer in time (upstream_read_timeout_seconds)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"dropped the connection ({exc.strerror.lower()})"
+    return "failed to answer"
+
+
 def _no_answer(lease: Lease, exc: BaseException) -> BackendError:
-    return BackendError(f"The backend for '{lease.spec.name}' did not answer: {exc!r}")
+    what = plain_failure(exc)
+    if not isinstance(exc, aiohttp.ClientConnectorError):
+        what += "; the request was not sent again because the backend may have read it"
+    return BackendError(f"The backend for '{lease.spec.name}' {what}")

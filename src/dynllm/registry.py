@@ -12,6 +12,7 @@ from dynllm.errors import ModelNotFound, WrongModelType
 class ApiFamily(StrEnum):
     CHAT = "chat"
     COMPLETIONS = "completions"
+    RESPONSES = "responses"
     EMBEDDINGS = "embeddings"
     RERANK = "rerank"
     TRANSCRIPTION = "audio.transcriptions"
@@ -22,7 +23,7 @@ class ApiFamily(StrEnum):
 
 
 SERVES: dict[ModelType, frozenset[ApiFamily]] = {
-    ModelType.LLM: frozenset({ApiFamily.CHAT, ApiFamily.COMPLETIONS}),
+    ModelType.LLM: frozenset({ApiFamily.CHAT, ApiFamily.COMPLETIONS, ApiFamily.RESPONSES}),
     ModelType.EMBEDDING: frozenset({ApiFamily.EMBEDDINGS}),
     ModelType.RERANK: frozenset({ApiFamily.RERANK}),
     ModelType.TRANSCRIPTION: frozenset({ApiFamily.TRANSCRIPTION, ApiFamily.TRANSLATION}),

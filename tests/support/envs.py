@@ -162,36 +162,46 @@ def _locked(item: Buildable) -> Iterator[None]:
         yield
 
 
+COMPLETE = ".complete"
+
+
+def is_built(item: Buildable) -> bool:
+    return (item.path / COMPLETE).exists()
+
+
 def ensure(item: Buildable) -> Path:
-    """Build ``item`` unless it is already cached; its path, or Unavailable."""
-    if item.path.is_dir():
+    """Build ``item`` unless it is already cached; its path, or Unavailable.
+
+    Built in place (a venv's scripts carry its absolute path in their
+    shebangs, so it cannot be built elsewhere and moved); a ``.complete``
+    file written last marks it finished."""
+    if is_built(item):
         return item.path
     if isinstance(item, Venv) and item.opt_in and os.environ.get(item.opt_in) != "1":
         raise Unavailable(f"{item.name}: opt-in; set {item.opt_in}=1 to build it")
     with _locked(item):
-        if item.path.is_dir():
+        if is_built(item):
             return item.path
         failed = _failed_file(item)
-        tmp = item.path.with_name(item.path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(item.path, ignore_errors=True)  # a build that was cut short
         try:
-            item._build(tmp)
+            item._build(item.path)
         except Unavailable as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(item.path, ignore_errors=True)
             failed.write_text(str(exc))
             raise
         except Exception as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(item.path, ignore_errors=True)
             failed.write_text(f"{item.name}: builder raised {exc!r}")
             raise Unavailable(failed.read_text()) from exc
         failed.unlink(missing_ok=True)
-        tmp.rename(item.path)
+        (item.path / COMPLETE).touch()
     return item.path
 
 
 def unavailable_reason(item: Buildable) -> str | None:
     """None if built; else why not (a failed build's reason, or 'not built yet')."""
-    if item.path.is_dir():
+    if is_built(item):
         return None
     failed = _failed_file(item)
     if failed.exists():
@@ -231,7 +241,7 @@ def build_all(items: Sequence[Buildable], log: Callable[[str], None] = print) ->
     failures: dict[str, str] = {}
 
     def one(item: Buildable) -> None:
-        if item.path.is_dir():
+        if is_built(item):
             return
         if isinstance(item, Venv) and item.opt_in and os.environ.get(item.opt_in) != "1":
             return

@@ -8,7 +8,7 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dynllm import __version__
-from dynllm.api.openai import parse_json_object
+from dynllm.api.bodies import parse_json_object
 from dynllm.config import ModelConfig
 from dynllm.errors import BadRequest, ModelBusy, invalid_request
 

@@ -52,6 +52,11 @@ class Adapter:
     def upstream_path(self, model: ModelConfig, family: ApiFamily) -> str | None:
         return self.routes.get(family)
 
+    def type_hint(self, model: ModelConfig) -> str:
+        """Extra words for the config error when this backend cannot serve the
+        model's type (e.g. which key would make it able to)."""
+        return ""
+
     def rewrite_model(self, model: ModelConfig, launch_path: Path) -> str | None:
         """The ``model`` value the backend insists on, or None to forward bodies untouched."""
         return None

@@ -51,6 +51,11 @@ class Ovms(Adapter):
             args += ["--shape", m.ovms_shape]
         return args + list(m.extra_args)
 
+    def upstream_path(self, model: ModelConfig, family: ApiFamily) -> str | None:
+        if family is ApiFamily.KSERVE:  # the prefix for /v2/models/{name}[...]
+            return None if model.model_type in TASKS else f"/v2/models/{model.name}"
+        return self.routes.get(family)
+
     def rewrite_model(self, model: ModelConfig, launch_path: Path) -> str | None:
         return model.name  # OVMS answers 404 for any name but the one it serves
 

@@ -1,0 +1,237 @@
+"""Reading request bodies: whole JSON, and uploads spooled without holding them.
+
+JSON bodies are small and read whole (they are parsed once for ``model``).
+Multipart and raw bodies may be hundreds of MB (audio, tensors): they go into
+a ``Spool`` (memory up to ``SPOOL_MEMORY_BYTES``, then a temporary file) and
+are streamed to the backend from there.  A multipart body is fed to a
+streaming parser as it arrives, which notes where the ``model`` field's value
+lies; if the backend insists on its own model name, exactly those bytes are
+replaced on the way out and everything else reaches it byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from python_multipart import MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import parse_options_header
+from starlette.types import Receive, Scope
+
+from dynllm.errors import BadRequest, InvalidJSON, InvalidMultipart, PayloadTooLarge
+
+SPOOL_MEMORY_BYTES = 1 << 20
+READ_CHUNK_BYTES = 256 << 10
+MAX_MODEL_FIELD_BYTES = 4096
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body was complete."""
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return bytes(value)
+    return None
+
+
+def check_length(scope: Scope, limit: int) -> None:
+    """413 from the declared Content-Length alone, before any body byte is read."""
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(_too_large(limit))
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than the limit of {limit / (1 << 20):g} MB"
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body (JSON routes); ClientGone if the client left first."""
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJSON(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidJSON("The request body must be a JSON object")
+    return data
+
+
+def requested_model(data: dict[str, Any]) -> str:
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("The request must name a model: a non-empty string 'model' field")
+    return model
+
+
+@dataclass
+class Spool:
+    """A request body held in memory up to a size, then in a temporary file."""
+
+    file: tempfile.SpooledTemporaryFile[bytes]
+    size: int = 0
+    replace: tuple[int, int, bytes] | None = None
+    """(start, end, new bytes): a span to swap on the way out (the model field)."""
+
+    @classmethod
+    def new(cls) -> Spool:
+        return cls(tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES))
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.size += len(data)
+
+    @property
+    def length(self) -> int:
+        """The size of what ``stream`` yields."""
+        if self.replace is None:
+            return self.size
+        start, end, new = self.replace
+        return self.size - (end - start) + len(new)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        """The body as it goes to the backend; each call starts from the beginning."""
+        spans: list[tuple[int, int] | bytes] = [(0, self.size)]
+        if self.replace is not None:
+            start, end, new = self.replace
+            spans = [(0, start), new, (end, self.size)]
+        for span in spans:
+            if isinstance(span, bytes):
+                yield span
+                continue
+            position, stop = span
+            while position < stop:
+                self.file.seek(position)
+                chunk = self.file.read(min(READ_CHUNK_BYTES, stop - position))
+                if not chunk:
+                    return
+                position += len(chunk)
+                yield chunk
+
+    def close(self) -> None:
+        self.file.close()
+
+
+async def spool_body(receive: Receive, limit: int, spool: Spool, feed: Any = None) -> None:
+    """Receive the whole body into ``spool`` (``feed(chunk)`` sees each piece
+    first); PayloadTooLarge past ``limit`` bytes, ClientGone if the client left."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            if spool.size + len(chunk) > limit:
+                raise PayloadTooLarge(_too_large(limit))
+            if feed is not None:
+                feed(chunk, spool.size)
+            spool.write(chunk)
+        if not message.get("more_body", False):
+            return
+
+
+class ModelField:
+    """Feeds a multipart body to a streaming parser and remembers where the
+    first form field named ``model`` has its value (absolute byte offsets)."""
+
+    def __init__(self, content_type: bytes | None) -> None:
+        kind, params = parse_options_header(content_type or b"")
+        boundary = params.get(b"boundary")
+        if kind != b"multipart/form-data" or not boundary:
+            raise InvalidMultipart(
+                "This route takes a multipart/form-data body (with a boundary in its "
+                "Content-Type), like the OpenAI audio API"
+            )
+        self.start: int | None = None
+        self.end: int | None = None
+        self.value = bytearray()
+        self._base = 0
+        self._chunk = b""
+        self._in_model = False
+        self._done = False
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._header_end,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+            },
+        )
+
+    def feed(self, chunk: bytes, offset: int) -> None:
+        if self._done:  # the rest is the upload itself: no need to parse it
+            return
+        self._base = offset
+        self._chunk = chunk
+        try:
+            self._parser.write(chunk)
+        except MultipartParseError as exc:
+            raise InvalidMultipart(f"The multipart body is malformed: {exc}") from None
+
+    def _part_begin(self) -> None:
+        self._in_model = False
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if bytes(self._header_field).lower() == b"content-disposition":
+            _, params = parse_options_header(bytes(self._header_value))
+            self._in_model = params.get(b"name") == b"model" and self.start is None
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if not self._in_model:
+            return
+        if data is self._chunk:
+            first, last = self._base + start, self._base + end
+        else:
+            # Bytes the parser held back at the end of the previous chunk (they
+            # looked like the start of a boundary): they lie just before this one.
+            first, last = self._base - (end - start), self._base
+        if self.start is None:
+            self.start = first
+        self.end = last
+        self.value += data[start:end]
+        if len(self.value) > MAX_MODEL_FIELD_BYTES:
+            raise InvalidMultipart("The multipart 'model' field is too long")
+
+    def _part_end(self) -> None:
+        if self._in_model:
+            if self.start is None:  # an empty value
+                self.start = self.end = -1
+            self._in_model = False
+            self._done = True
+
+    def model(self) -> str:
+        if self.start is None or self.start < 0 or not self.value:
+            raise BadRequest("The request must name a model: a non-empty 'model' form field")
+        try:
+            return self.value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("The 'model' form field is not valid UTF-8") from None
