@@ -58,9 +58,11 @@ class Registry:
 
     def for_family(self, label: str, family: ApiFamily) -> ModelConfig:
         model = self.get(label)
-        if family not in SERVES[model.model_type]:
+        served = SERVES[model.model_type]
+        if family not in served:
             raise WrongModelType(
                 f"The model '{label}' has model_type '{model.model_type.value}' and does not "
-                f"serve {family.value} requests"
+                f"serve {family.value} requests; it serves: "
+                + ", ".join(sorted(f.value for f in served))
             )
         return model
