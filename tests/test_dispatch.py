@@ -51,8 +51,14 @@ async def call(app: RunningApp, route: Route, model: str) -> httpx.Response:
         return await app.client.get(path)
     if route.body is Body.RAW:
         return await app.client.post(path, json={"inputs": []})
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hi"}],
-                            "prompt": "hi", "input": "hi", "query": "q", "documents": ["a"]}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "prompt": "hi",
+        "input": "hi",
+        "query": "q",
+        "documents": ["a"],
+    }
     return await app.client.post(path, json=body)
 
 
@@ -115,8 +121,18 @@ async def test_kserve_binary_extension_passes_through_byte_for_byte(
     import hashlib
 
     async with serve(config_for(make_config, [fake_model("clf", "classification")])) as app:
-        header = json.dumps({"inputs": [{"name": "x", "datatype": "BYTES", "shape": [300],
-                             "parameters": {"binary_data_size": 300}}]}).encode()  # fmt: skip
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [300],
+                        "parameters": {"binary_data_size": 300},
+                    }
+                ]
+            }
+        ).encode()
         raw = bytes(range(256)) + b"\x00\xff" * 22
         sent = header + raw
         response = await app.client.post(
@@ -125,7 +141,7 @@ async def test_kserve_binary_extension_passes_through_byte_for_byte(
             headers={
                 "Inference-Header-Content-Length": str(len(header)),
                 "Content-Type": "application/octet-stream",
-            },  # fmt: skip
+            },
         )
         assert response.status_code == 200, response.text
         seen = (await backend_stats(app, "clf"))["seen"][-1]
@@ -147,7 +163,7 @@ async def test_backend_errors_keep_their_status_in_the_route_shape(
                 "message": "field x is wrong",
                 "type": "invalid_request_error",
                 "code": "422",
-            }  # fmt: skip
+            }
         }
 
 
@@ -227,8 +243,13 @@ async def test_client_leaving_during_a_stream(make_config: ConfigFactory) -> Non
     async with serve(config_for(make_config, [fake_model("m")])) as app:
 
         async def stream() -> None:
-            body = {"model": "m", "messages": [], "stream": True, "fake_tokens": 200,
-                    "fake_rate": 10}  # fmt: skip
+            body = {
+                "model": "m",
+                "messages": [],
+                "stream": True,
+                "fake_tokens": 200,
+                "fake_rate": 10,
+            }
             async with app.client.stream("POST", "/v1/chat/completions", json=body) as response:
                 async for _ in response.aiter_lines():
                     started.set()

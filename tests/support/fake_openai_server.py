@@ -176,8 +176,11 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/v1/audio/transcriptions", "/v1/audio/translations"):
             fields = _multipart(body, self.headers.get("Content-Type", ""))
             upload = fields.get("file", b"")
-            record.update(model=fields.get("model", b"").decode(), file_bytes=len(upload),
-                          file_sha256=hashlib.sha256(upload).hexdigest())  # fmt: skip
+            record.update(
+                model=fields.get("model", b"").decode(),
+                file_bytes=len(upload),
+                file_sha256=hashlib.sha256(upload).hexdigest(),
+            )
             answer = {"text": f"heard {len(upload)} bytes", "model": record["model"]}
             self._send(200, json.dumps(answer).encode(), "application/json")
             return
@@ -202,8 +205,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         if path == "/v1/images/generations":
             image = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
-            self._send(200, json.dumps({"created": 0, "data": [{"b64_json": image}]}).encode(),
-                       "application/json")  # fmt: skip
+            self._send(
+                200,
+                json.dumps({"created": 0, "data": [{"b64_json": image}]}).encode(),
+                "application/json",
+            )
             return
         if path == "/v1/embeddings":
             vectors = [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}]
@@ -211,8 +217,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps(payload).encode(), "application/json")
             return
         if path in ("/v1/rerank", "/rerank"):
-            results = [{"index": i, "relevance_score": 1.0 / (i + 1)}
-                       for i, _ in enumerate(data.get("documents", []))]  # fmt: skip
+            results = [
+                {"index": i, "relevance_score": 1.0 / (i + 1)}
+                for i, _ in enumerate(data.get("documents", []))
+            ]
             self._send(200, json.dumps({"results": results}).encode(), "application/json")
             return
         self._generate(path, data)
@@ -227,8 +235,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             for word in words:
-                event = {"object": "chat.completion.chunk", "model": data.get("model"),
-                         "choices": [{"index": 0, "delta": {"content": word + " "}}]}  # fmt: skip
+                event = {
+                    "object": "chat.completion.chunk",
+                    "model": data.get("model"),
+                    "choices": [{"index": 0, "delta": {"content": word + " "}}],
+                }
                 self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
                 self._wait(pause)
             self._chunk(b"data: [DONE]\n\n")
@@ -236,14 +247,25 @@ class Handler(BaseHTTPRequestHandler):
             return
         text = " ".join(words)
         if path == "/v1/chat/completions":
-            answer: dict[str, Any] = {"object": "chat.completion", "model": data.get("model"),
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": text}}]}  # fmt: skip
+            answer: dict[str, Any] = {
+                "object": "chat.completion",
+                "model": data.get("model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": text},
+                    }
+                ],
+            }
         elif path == "/v1/responses":
             answer = {"object": "response", "model": data.get("model"), "output_text": text}
         else:
-            answer = {"object": "text_completion", "model": data.get("model"),
-                      "choices": [{"index": 0, "text": text, "finish_reason": "stop"}]}  # fmt: skip
+            answer = {
+                "object": "text_completion",
+                "model": data.get("model"),
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+            }
         payload = json.dumps(answer).encode()
         if not pause:
             self._send(200, payload, "application/json")
@@ -274,21 +296,39 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"", "application/json")
             return
         if method == "GET":
-            meta = {"name": NAME, "versions": ["1"], "platform": "fake",
-                    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
-                    "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}]}  # fmt: skip
+            meta = {
+                "name": NAME,
+                "versions": ["1"],
+                "platform": "fake",
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}],
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
+            }
             self._send(200, json.dumps(meta).encode(), "application/json")
             return
         header_length = self.headers.get("Inference-Header-Content-Length")
         raw = body[int(header_length) :] if header_length else b""
         # The answer: a JSON header, then the request's raw tensor bytes reversed.
-        out_header = json.dumps({"model_name": NAME, "outputs": [{"name": "y", "datatype": "BYTES",
-                                 "shape": [len(raw)], "parameters": {"binary_data_size": len(raw)}}]}
-                                ).encode()  # fmt: skip
+        out_header = json.dumps(
+            {
+                "model_name": NAME,
+                "outputs": [
+                    {
+                        "name": "y",
+                        "datatype": "BYTES",
+                        "shape": [len(raw)],
+                        "parameters": {"binary_data_size": len(raw)},
+                    }
+                ],
+            }
+        ).encode()
         answer = out_header + raw[::-1]
         record["sent_sha256"] = hashlib.sha256(answer).hexdigest()
-        self._send(200, answer, "application/octet-stream",
-                   Inference_Header_Content_Length=str(len(out_header)))  # fmt: skip
+        self._send(
+            200,
+            answer,
+            "application/octet-stream",
+            Inference_Header_Content_Length=str(len(out_header)),
+        )
 
 
 def _exit_with_parent() -> None:
