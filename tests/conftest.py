@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -227,3 +229,29 @@ def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("DYNLLM_CONFIG", None)
     return env
+
+
+@pytest.fixture
+def dynllm_process() -> Iterator[Any]:
+    """Starts dynllm as its own process (``start(config_path)``); stopped after the test."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(config_path: Path) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dynllm", "--config", str(config_path)],
+            env=subprocess_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

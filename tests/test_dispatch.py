@@ -297,3 +297,84 @@ async def test_client_leaving_while_queued_evicts_and_loads_nothing(
         models_now = await app.admin_models()
         assert models_now["a"]["status"] == "loaded" and models_now["a"]["pid"] == pid_a
         assert models_now["b"]["status"] == "unloaded" and models_now["b"]["load_count"] == 0
+
+
+# ---- uploads ----------------------------------------------------------------------------
+
+
+def test_a_50_mb_upload_reaches_the_backend_intact_in_bounded_memory(
+    make_config: ConfigFactory, dynllm_process: Any
+) -> None:
+    """dynllm runs as its own process so its RSS can be sampled during the upload."""
+    import hashlib
+    import threading
+
+    import psutil
+
+    from tests.conftest import poll
+    from tests.support.net import http_ok
+
+    path, config = make_config.write_and_load(
+        [fake_model("stt", "transcription")], enabled_backends=["command"]
+    )
+    proc = dynllm_process(path)
+    base = f"http://127.0.0.1:{config.server.port}"
+    with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
+        poll(lambda: http_ok(http) or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        files = {"file": ("small.wav", b"RIFF" * 1000, "audio/wav")}
+        warm = http.post("/v1/audio/transcriptions", data={"model": "stt"}, files=files)
+        assert warm.status_code == 200, warm.text  # backend loaded, code paths warm
+
+        audio = hashlib.sha256(b"seed").digest() * (50 * (1 << 20) // 32)  # 50 MiB
+        dynllm = psutil.Process(proc.pid)
+        baseline = dynllm.memory_info().rss
+        peak = baseline
+        uploading = True
+        samples = 0
+
+        def sample() -> None:
+            nonlocal peak, samples
+            while uploading:
+                peak = max(peak, dynllm.memory_info().rss)
+                samples += 1
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            response = http.post(
+                "/v1/audio/transcriptions",
+                data={"model": "stt", "response_format": "json"},
+                files={"file": ("big.wav", audio, "audio/wav")},
+            )
+        finally:
+            uploading = False
+            sampler.join()
+        assert response.status_code == 200, response.text
+        port = http.get("/admin/models").json()["models"][0]["port"]
+        seen = httpx.get(f"http://127.0.0.1:{port}/fake/stats", trust_env=False).json()["seen"]
+        assert seen[-1]["file_bytes"] == len(audio) and seen[-1]["model"] == "stt"
+        assert seen[-1]["file_sha256"] == hashlib.sha256(audio).hexdigest()
+        growth_mb = (peak - baseline) / (1 << 20)
+        print(
+            f"50 MiB upload: dynllm RSS {baseline / (1 << 20):.1f} MiB -> peak "
+            f"{peak / (1 << 20):.1f} MiB (+{growth_mb:.1f} MiB)"
+        )
+        assert growth_mb < 16
+
+
+async def test_upload_limit_answers_413_before_reading_the_body(
+    make_config: ConfigFactory,
+) -> None:
+    config = config_for(make_config, [fake_model("stt", "transcription")], max_upload_mb=1)
+    async with serve(config) as app:
+        big = {"file": ("a.wav", b"x" * (1 << 20), "audio/wav")}
+        refused = await app.client.post(
+            "/v1/audio/transcriptions", data={"model": "stt"}, files=big
+        )
+        assert refused.status_code == 413
+        assert refused.json()["error"]["message"] == (
+            "The request body is larger than the limit of 1 MB"
+        )
+        assert await app.spawned_pids() == []

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +22,6 @@ from tests.conftest import (
     backends_with_marker,
     poll,
     serve,
-    subprocess_env,
 )
 from tests.support.binaries import llama_server_binary
 from tests.support.net import http_ok
@@ -127,31 +122,6 @@ async def test_backend_error_passes_through_and_backend_survives(
         ok = await app.chat("tiny", max_tokens=2)
         assert ok.status_code == 200
         assert (await app.admin_models())["tiny"]["pid"] == pid
-
-
-@pytest.fixture
-def dynllm_process() -> Iterator[Any]:
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(config_path: Path) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dynllm", "--config", str(config_path)],
-            env=subprocess_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def test_sigkill_leaves_no_backend_and_restart_recovers(

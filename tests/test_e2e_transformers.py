@@ -119,9 +119,9 @@ async def test_openai_client_chat_completions_responses_and_transcription(
             assert len(words("".join(texts))) == 8
 
             # transformers serve streams /v1/responses unless the body says
-            # "stream": false (OpenAI's default is false): say it.
+            # "stream": false (OpenAI's default is false): dynllm fills it in.
             response = await client.responses.create(
-                model="chat", input="Hi there", max_output_tokens=6, stream=False
+                model="chat", input="Hi there", max_output_tokens=6
             )
             assert response.status == "completed"
             assert len(words(response.output_text)) == 6

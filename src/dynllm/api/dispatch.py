@@ -143,13 +143,12 @@ async def dispatch(
         path = upstream.path
         if kserve is not None:
             path += kserve.model_part
-        if upstream.served_name is not None and upstream.served_name != label:
-            if route.body is Body.JSON:
-                assert isinstance(body, bytes)
-                body = rewrite_json_model(body, data, upstream.served_name)
-            elif field is not None and spool is not None:
-                assert field.start is not None and field.end is not None
-                spool.replace = (field.start, field.end, upstream.served_name.encode())
+        if route.body is Body.JSON and (upstream.served_name or upstream.defaults):
+            assert isinstance(body, bytes)
+            body = rewrite_json_model(body, data, upstream.served_name, upstream.defaults)
+        elif upstream.served_name not in (None, label) and field and spool:
+            assert field.start is not None and field.end is not None
+            spool.replace = (field.start, field.end, str(upstream.served_name).encode())
         watch = ClientWatch(receive, finish)
         lease = await services.scheduler.acquire(spec)
         answer = await forward(

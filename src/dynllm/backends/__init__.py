@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dynllm.backends.base import Adapter, Launch
 from dynllm.backends.command import Command
@@ -76,6 +78,8 @@ class Upstream:
     """The backend's path; for KServe the prefix that replaces ``/v2/models/{name}``."""
     served_name: str | None
     """The ``model`` value the backend insists on; None: bodies go untouched."""
+    defaults: Mapping[str, Any] | None = None
+    """JSON fields filled in when the request leaves them out."""
 
 
 def upstream_table(config: Config) -> dict[tuple[str, ApiFamily], Upstream]:
@@ -89,7 +93,8 @@ def upstream_table(config: Config) -> dict[tuple[str, ApiFamily], Upstream]:
         for family in SERVES[spec.model_type]:
             path = adapter.upstream_path(spec, family)
             if path is not None:
-                table[spec.name, family] = Upstream(path, served)
+                defaults = adapter.json_defaults.get(family)
+                table[spec.name, family] = Upstream(path, served, defaults)
     return table
 
 

@@ -39,6 +39,10 @@ class Adapter:
     name: ClassVar[BackendName]
     probe_path: ClassVar[str] = "/health"
     routes: ClassVar[Mapping[ApiFamily, str]] = {}
+    json_defaults: ClassVar[Mapping[ApiFamily, Mapping[str, Any]]] = {}
+    """Body fields added when a request leaves them out, where the backend's
+    default differs from OpenAI's (transformers serve streams /v1/responses
+    unless told ``"stream": false``)."""
     # Substrings of stderr that mean "the port was taken before I could bind it".
     bind_failure_markers: ClassVar[tuple[str, ...]] = ("address already in use",)
 
@@ -73,7 +77,17 @@ class Adapter:
         return any(marker in text for marker in self.bind_failure_markers)
 
 
-def rewrite_json_model(body: bytes, parsed: dict[str, Any], value: str) -> bytes:
-    if parsed.get("model") == value:
+def rewrite_json_model(
+    body: bytes,
+    parsed: dict[str, Any],
+    value: str | None,
+    defaults: Mapping[str, Any] | None = None,
+) -> bytes:
+    """``body`` with ``model`` set to ``value`` (None: kept) and ``defaults``
+    filled in where absent; the original bytes when nothing changes."""
+    changes = {k: v for k, v in (defaults or {}).items() if k not in parsed}
+    if value is not None and parsed.get("model") != value:
+        changes["model"] = value
+    if not changes:
         return body
-    return json.dumps({**parsed, "model": value}).encode()
+    return json.dumps({**parsed, **changes}).encode()

@@ -84,6 +84,9 @@ class Transformers(Adapter):
             env.setdefault(key, value)
         return env
 
+    # 5.23 streams /v1/responses unless told otherwise; OpenAI's default is not to.
+    json_defaults: ClassVar = {ApiFamily.RESPONSES: {"stream": False}}
+
     def rewrite_model(self, model: ModelConfig, launch_path: Path) -> str | None:
         # The server is pinned to its positional model and rejects any other name
         # (JSON); its transcription route would try to load any other name (multipart).
