@@ -9,7 +9,7 @@ import pytest
 
 from dynllm.backends import ADAPTERS, adapter_for, command_line, launch_for
 from dynllm.backends.llamacpp import mmproj_path
-from dynllm.config import BackendName, Config, parse_config
+from dynllm.config import BackendName, Config, ConfigError, ModelConfig, parse_config
 from dynllm.registry import ApiFamily
 
 
@@ -77,9 +77,14 @@ def test_llamacpp_transcription_route_needs_the_projector() -> None:
     assert llama.upstream_path(audio, ApiFamily.TRANSCRIPTION) == "/v1/audio/transcriptions"
     # llama-server has no translations route at all.
     assert llama.upstream_path(audio, ApiFamily.TRANSLATION) is None
-    # Without --mmproj llama-server answers 501 on transcriptions: not offered.
-    bare = config_with(model_type="transcription").models[0]
+    # Without --mmproj llama-server answers 501 on transcriptions: not offered,
+    # and the config is refused, naming the missing key.
+    bare = ModelConfig(
+        name="m", path="m.gguf", backend="llamacpp", model_type="transcription", vram_mb=1
+    )
     assert llama.upstream_path(bare, ApiFamily.TRANSCRIPTION) is None
+    with pytest.raises(ConfigError, match="transcription model needs 'mmproj'"):
+        config_with(model_type="transcription")
     # A chat model with a (vision) projector keeps its chat route and gets no audio one.
     vision = config_with(mmproj="p.gguf").models[0]
     assert llama.upstream_path(vision, ApiFamily.CHAT) == "/v1/chat/completions"
@@ -132,6 +137,7 @@ def test_vllm_routes_and_served_name() -> None:
         ApiFamily.RERANK: "/v1/rerank",
         ApiFamily.TRANSCRIPTION: "/v1/audio/transcriptions",
         ApiFamily.TRANSLATION: "/v1/audio/translations",
+        ApiFamily.RESPONSES: "/v1/responses",
     }
 
 

@@ -78,3 +78,8 @@ class LlamaCpp(Adapter):
             audio = model.model_type is ModelType.TRANSCRIPTION and model.mmproj is not None
             return self.transcription_path if audio else None
         return self.routes.get(family)
+
+    def type_hint(self, model: ModelConfig) -> str:
+        if model.model_type is ModelType.TRANSCRIPTION and model.mmproj is None:
+            return "; a transcription model needs 'mmproj': an audio projector GGUF"
+        return ""

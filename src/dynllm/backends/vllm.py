@@ -32,6 +32,7 @@ class Vllm(Adapter):
         ApiFamily.RERANK: "/v1/rerank",
         ApiFamily.TRANSCRIPTION: "/v1/audio/transcriptions",
         ApiFamily.TRANSLATION: "/v1/audio/translations",
+        ApiFamily.RESPONSES: "/v1/responses",
     }
 
     def argv(self, launch: Launch) -> list[str]:
