@@ -8,20 +8,28 @@ the stand-in and to the real llama-server) each start their model once.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
 
+RUN_ENV = "DYNLLM_TEST_RUN"
+
 
 def test_bench_quick_stream_and_cold_burst_scenarios_run(tmp_path: Path) -> None:
     out = tmp_path / "report.md"
-    before = {p.pid for p in psutil.process_iter()}
+    # Everything the bench starts (dynllm, stand-ins, llama-server) inherits this
+    # variable, so the leftover check sees only this run's processes, never
+    # another llama-server that happens to run on the machine.
+    run_id = uuid.uuid4().hex
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--scenarios", "3,8", "--no-litellm",
          "--out", str(out)],
         capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, RUN_ENV: run_id},
     )  # fmt: skip
     assert result.returncode in (0, 1), result.stderr[-2000:]  # 1: a timing target missed
     report = out.read_text()
@@ -30,9 +38,15 @@ def test_bench_quick_stream_and_cold_burst_scenarios_run(tmp_path: Path) -> None
     bursts = [line for line in report.splitlines() if line.startswith("| 8 |")]
     # the stand-in and the real llama-server: 50 cold requests, one spawn each
     assert len(bursts) == 2 and all("| 1 spawn(s);" in line for line in bursts), bursts
-    leftovers = [
-        p for p in psutil.process_iter(["pid", "cmdline"])
-        if p.pid not in before
-        and any(n in " ".join(p.info["cmdline"] or []) for n in ("paced_backend", "llama-server"))
-    ]  # fmt: skip
-    assert leftovers == []
+    assert started_by(run_id) == []
+
+
+def started_by(run_id: str) -> list[list[str]]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get(RUN_ENV) == run_id and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
