@@ -7,9 +7,16 @@ from typing import Any
 
 import pytest
 
-from dynllm.backends import ADAPTERS, adapter_for, command_line
+from dynllm.backends import (
+    ADAPTERS,
+    Upstream,
+    adapter_for,
+    command_line,
+    missing_binary,
+    upstream_table,
+)
 from dynllm.backends.base import MARKER_ENV, MODEL_ENV, rewrite_json_model
-from dynllm.config import BackendName, parse_config
+from dynllm.config import BackendName, ConfigError, parse_config
 from dynllm.registry import SERVES, ApiFamily
 
 
@@ -121,3 +128,66 @@ def test_rewrite_json_model_keeps_bytes_when_unchanged() -> None:
     body = b'{"model": "x",  "a": 1}'
     assert rewrite_json_model(body, {"model": "x", "a": 1}, "x") is body
     assert rewrite_json_model(body, {"model": "alias", "a": 1}, "x") == b'{"model": "x", "a": 1}'
+    assert rewrite_json_model(body, {"model": "x", "a": 1}, None, {"a": 2}) is body  # present
+    assert rewrite_json_model(body, {"model": "x"}, None, {"stream": False}) == (
+        b'{"model": "x", "stream": false}'
+    )
+
+
+def test_transformers_serve_env_defaults_and_responses() -> None:
+    config = config_with(backend="transformers")
+    spec = config.models[0]
+    adapter = adapter_for(spec)
+    env = adapter.env({"HF_HUB_DISABLE_UPDATE_CHECK": "0", "HF_TOKEN": "t"}, spec, "k")
+    assert env["HF_HUB_DISABLE_UPDATE_CHECK"] == "1" and "HF_TOKEN" not in env  # scrubbed, set
+    own = config_with(backend="transformers", env={"HF_HUB_DISABLE_UPDATE_CHECK": "0"})
+    assert adapter.env({}, own.models[0], "k")["HF_HUB_DISABLE_UPDATE_CHECK"] == "0"
+    table = upstream_table(config)
+    assert table["m", ApiFamily.RESPONSES] == Upstream(
+        "/v1/responses", "/models/m", {"stream": False}
+    )
+    assert ("m", ApiFamily.EMBEDDINGS) not in table  # an llm model: not its type's route
+
+
+@pytest.mark.parametrize(
+    ("backend", "model_type", "served"),
+    [
+        ("llamacpp", "image_generation", "llm, embedding, rerank"),
+        ("transformers", "embedding", "llm, transcription"),
+        ("vllm", "speech", "llm, embedding, rerank, transcription"),
+    ],
+)
+def test_a_type_the_backend_cannot_serve_is_a_config_error(
+    backend: str, model_type: str, served: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config_with(backend=backend, model_type=model_type)
+    assert str(info.value).startswith(
+        f"models[0].model_type ('m'): the {backend} backend cannot serve model_type "
+        f"'{model_type}' (it serves: {served})"
+    )
+
+
+def test_llamacpp_transcription_needs_a_projector() -> None:
+    with pytest.raises(ConfigError, match="needs 'mmproj'"):
+        config_with(model_type="transcription")
+    config = config_with(model_type="transcription", mmproj="/models/proj.gguf")
+    assert upstream_table(config)["m", ApiFamily.TRANSCRIPTION].path == "/v1/audio/transcriptions"
+
+
+def test_missing_backend_program_names_it_and_how_to_install(tmp_path: Path) -> None:
+    config = config_with(backend="vllm")
+    spec = config.models[0]
+    assert missing_binary(config, spec) == (
+        "the vllm backend program 'vllm' of model 'm' was not found or is not executable: "
+        "install it with `pip install vllm` and set backend.vllm_binary"
+    )
+    program = tmp_path / "llama-server"
+    program.write_text("#!/bin/sh\n")
+    found = parse_config(
+        {"backend": {"llamacpp_binary": str(program)},
+         "models": [{"name": "m", "path": "/m", "backend": "llamacpp", "vram_mb": 1}]}
+    )  # fmt: skip
+    assert "not executable" in str(missing_binary(found, found.models[0]))
+    program.chmod(0o755)
+    assert missing_binary(found, found.models[0]) is None

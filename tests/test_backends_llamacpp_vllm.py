@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from dynllm.backends import ADAPTERS, adapter_for, command_line, launch_for
-from dynllm.backends.llamacpp import mmproj_path
 from dynllm.config import BackendName, Config, ConfigError, ModelConfig, parse_config
 from dynllm.registry import ApiFamily
 
@@ -52,7 +51,7 @@ def test_llamacpp_without_projector_has_no_mmproj_flag() -> None:
         ("/models", "sub/dir/m.gguf", "mm/proj.gguf", "/models/mm/proj.gguf"),  # not the model's
         ("rel", "m.gguf", "proj.gguf", "/etc/dynllm/rel/proj.gguf"),  # models_dir from config dir
         (None, "m.gguf", "proj.gguf", "/etc/dynllm/proj.gguf"),  # no models_dir: config's folder
-        ("/models", "/elsewhere/m.gguf", "proj.gguf", "/elsewhere/proj.gguf"),  # see mmproj_path
+        ("/models", "/elsewhere/m.gguf", "proj.gguf", "/models/proj.gguf"),  # like any model file
     ],
 )
 def test_llamacpp_mmproj_is_resolved_like_the_model_path(
@@ -60,7 +59,7 @@ def test_llamacpp_mmproj_is_resolved_like_the_model_path(
 ) -> None:
     config = config_with(models_dir, path=path, mmproj=mmproj)
     model = config.models[0]
-    assert mmproj_path(launch_for(config, model, 9123)) == Path(expected)
+    assert launch_for(config, model, 9123).mmproj_path == Path(expected)
     line = command_line(config, model, 9123)
     assert flag(line, "--mmproj") == expected
     assert flag(line, "-m") == str(config.model_path(model))

@@ -270,10 +270,14 @@ class Config(_Strict):
             return p
         return self.base_dir / p
 
-    def model_path(self, model: ModelConfig) -> Path:
-        """``path`` as is when absolute, else under ``models_dir`` (or the config's folder)."""
+    def model_file(self, path: str) -> Path:
+        """A model file's ``path`` as is when absolute, else under ``models_dir``
+        (or the config's folder)."""
         base = self.base_dir if self.models_dir is None else self.resolve(self.models_dir)
-        return base / Path(model.path).expanduser()  # an absolute right side wins
+        return base / Path(path).expanduser()  # an absolute right side wins
+
+    def model_path(self, model: ModelConfig) -> Path:
+        return self.model_file(model.path)
 
     @property
     def db_file(self) -> Path:

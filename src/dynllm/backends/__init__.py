@@ -33,6 +33,7 @@ def launch_for(config: Config, model: ModelConfig, port: int) -> Launch:
         model=model,
         model_path=config.model_path(model),
         port=port,
+        mmproj_path=config.model_file(model.mmproj) if model.mmproj else None,
     )
 
 

@@ -31,6 +31,7 @@ class Launch:
     model_path: Path
     port: int
     host: str = BACKEND_HOST
+    mmproj_path: Path | None = None
 
 
 class Adapter:

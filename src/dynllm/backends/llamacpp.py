@@ -10,35 +10,11 @@ transcription route answers 501, so neither is offered then.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import ClassVar
 
 from dynllm.backends.base import Adapter, Launch
 from dynllm.config import BackendName, ModelConfig, ModelType
 from dynllm.registry import ApiFamily
-
-
-def mmproj_path(launch: Launch) -> Path | None:
-    """The projector's path: ``mmproj`` as is when absolute, else under the
-    folder ``path`` was resolved from (``models_dir``, or the config's folder).
-
-    The launch carries only the resolved model path, so that folder is found
-    by taking the model's relative ``path`` off its end; for an absolute model
-    ``path`` it is the model file's own folder.
-    """
-    m = launch.model
-    if m.mmproj is None:
-        return None
-    projector = Path(m.mmproj).expanduser()
-    if projector.is_absolute():
-        return projector
-    relative = Path(m.path).expanduser()
-    if relative.is_absolute():
-        return launch.model_path.parent / projector
-    base = launch.model_path
-    for _ in relative.parts:
-        base = base.parent
-    return base / projector
 
 
 class LlamaCpp(Adapter):
@@ -64,9 +40,8 @@ class LlamaCpp(Adapter):
             "-ngl", str(m.n_gpu_layers),
             "--alias", m.name,
         ]  # fmt: skip
-        projector = mmproj_path(launch)
-        if projector is not None:
-            args += ["--mmproj", str(projector)]
+        if launch.mmproj_path is not None:
+            args += ["--mmproj", str(launch.mmproj_path)]
         if m.model_type is ModelType.EMBEDDING:
             args += ["--embeddings", "--pooling", "mean"]
         elif m.model_type is ModelType.RERANK:
