@@ -60,7 +60,6 @@ import json
 import math
 import os
 import re
-import select
 import signal
 import socket
 import sys
@@ -69,6 +68,8 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple, NoReturn
+
+from sockwait import pause_unless_gone  # the module next to this script
 
 START = time.monotonic()
 PID = os.getpid()
@@ -508,23 +509,8 @@ class FakeHandler(BaseHTTPRequestHandler):
 
     def _wait(self, seconds: float) -> None:
         """Sleep, but raise _ClientGone as soon as the client hangs up."""
-        deadline = time.monotonic() + seconds
-        poller = select.poll()
-        poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not poller.poll(remaining * 1000):
-                return
-            try:
-                peek = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                raise _ClientGone from None
-            if not peek:
-                raise _ClientGone
-            # The client sent more data (a pipelined request): EOF cannot be seen now.
-            time.sleep(max(0.0, deadline - time.monotonic()))
-            return
+        if not pause_unless_gone(self.connection, seconds):
+            raise _ClientGone
 
     # ---- routes
 

@@ -31,13 +31,14 @@ import base64
 import hashlib
 import json
 import os
-import select
 import socket
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from sockwait import pause_unless_gone  # the module next to this script
 
 WAV_HEADER = b"RIFF\x24\x08\x00\x00WAVEfmt "
 
@@ -148,22 +149,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _wait(self, seconds: float) -> None:
         """Sleep, but raise Gone as soon as the client hangs up."""
-        deadline = time.monotonic() + seconds
-        poller = select.poll()
-        poller.register(self.connection, select.POLLIN | select.POLLHUP | select.POLLERR)
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not poller.poll(remaining * 1000):
-                return
-            try:
-                peek = self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                raise Gone from None
-            if not peek:
-                raise Gone
-            time.sleep(max(0.0, deadline - time.monotonic()))
-            return
+        if not pause_unless_gone(self.connection, seconds):
+            raise Gone
 
     # ---- routes
     def _route(self, method: str, path: str, body: bytes, record: dict[str, Any]) -> None:
