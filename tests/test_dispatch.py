@@ -378,3 +378,17 @@ async def test_upload_limit_answers_413_before_reading_the_body(
             "The request body is larger than the limit of 1 MB"
         )
         assert await app.spawned_pids() == []
+
+
+async def test_a_missing_backend_program_is_a_503_naming_it(make_config: ConfigFactory) -> None:
+    config = make_config([{"name": "m"}], backend={"llamacpp_binary": "/nowhere/llama-server"})
+    async with serve(config) as app:
+        response = await app.chat("m")
+        assert response.status_code == 503
+        error = response.json()["error"]
+        assert error["code"] == "backend_not_installed"
+        assert error["message"].startswith(
+            "The llamacpp backend program '/nowhere/llama-server' of model 'm' was not found"
+        )
+        assert "pip install" in error["message"]
+        assert await app.spawned_pids() == []

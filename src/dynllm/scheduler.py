@@ -429,7 +429,9 @@ class Scheduler:
                 result = exc
             else:
                 log.error("unexpected error while loading '%s'", slot.name, exc_info=exc)
-                result = BackendStartFailed(f"loading '{slot.name}' failed: {exc!r}")
+                result = BackendStartFailed(
+                    f"loading '{slot.name}' failed unexpectedly; see dynllm's log"
+                )
         if result is None:
             slot.load.set_result(None)
         else:
