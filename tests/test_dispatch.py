@@ -392,3 +392,16 @@ async def test_a_missing_backend_program_is_a_503_naming_it(make_config: ConfigF
         )
         assert "pip install" in error["message"]
         assert await app.spawned_pids() == []
+
+
+async def test_unknown_routes_answer_in_their_family_shape(make_config: ConfigFactory) -> None:
+    async with serve(make_config([{"name": "m"}])) as app:
+        kserve = await app.client.get("/v2/repository/index")
+        assert kserve.status_code == 404
+        assert kserve.json() == {"error": "Unknown route: GET /v2/repository/index"}
+        openai = await app.client.get("/v1/nothing")
+        assert openai.status_code == 404 and openai.json()["error"]["code"] == "not_found"
+        wrong = await app.client.get("/v1/chat/completions")
+        assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+        infer = await app.client.get("/v2/models/m/infer")
+        assert infer.status_code == 405 and "error" in infer.json()

@@ -163,8 +163,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"Unknown route: {request.method} {request.url.path}"
+        kserve = request.url.path.startswith("/v2")
         return JSONResponse(
-            error_body(message, type_, code),
+            {"error": message} if kserve else error_body(message, type_, code),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
