@@ -88,7 +88,7 @@ def test_adapter_refuses_a_model_without_command(command: list[str] | None) -> N
 
 def test_model_path_placeholder_needs_a_path() -> None:
     assert argv(path="", command=["srv", "{port}"]) == ["srv", "9123"]
-    with pytest.raises(ValueError, match=r"\{model_path\} but 'path' is empty"):
+    with pytest.raises(ConfigError, match=r"uses \{model_path\}, so the model needs a path"):
         argv(path="", command=["srv", "--model", "{model_path}"])
 
 

@@ -729,3 +729,27 @@ def test_non_numeric_timeout_names_the_key(tmp_path: Path, data: Any, key: str) 
 def test_nan_unload_time_is_an_error(tmp_path: Path, literal: str) -> None:
     with pytest.raises(ConfigError):
         load_config(write(tmp_path, with_unload_time(literal)))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            {"backend": "command", "command": ["srv", "{model_path}"]},
+            "models[0] ('m').path: the command uses {model_path}, so the model needs a path",
+        ),
+        (
+            {"backend": "llamacpp", "path": "m.gguf", "command": ["srv"]},
+            "models[0] ('m').command: only backend 'command' runs a command, not 'llamacpp'",
+        ),
+        (
+            {"backend": "command", "command": ["srv"], "upstream_paths": {"chatt": "/c"}},
+            "models[0].upstream_paths ('m'): unknown API family 'chatt'",
+        ),
+    ],
+)
+def test_command_backend_keys_are_checked(model: dict[str, Any], message: str) -> None:
+    entry = {"name": "m", "vram_mb": 1, "model_type": "speech", **model}
+    with pytest.raises(ConfigError) as info:
+        parse_config({"enabled_backends": ["llamacpp", "command"], "models": [entry]})
+    assert str(info.value).startswith(message)

@@ -38,8 +38,9 @@ def test_response_headers_for_event_streams() -> None:
     assert b"transfer-encoding" not in out and b"connection" not in out
     assert out[b"server"] == b"llama.cpp"
     plain = response_headers(
-        raw({"content-type": "application/json", "content-length": "5"}), is_sse=False
-    )
+        raw({"content-type": "application/json", "content-length": "5", "Date": "x"}),
+        is_sse=False,
+    )  # the server sets its own Date
     assert dict(plain) == {b"content-type": b"application/json", b"content-length": b"5"}
     own = response_headers(
         raw({"Content-Type": "text/event-stream", "X-Accel-Buffering": "yes"}), is_sse=True

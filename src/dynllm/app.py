@@ -163,6 +163,10 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
             message = f"Unknown route: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            code = "method_not_allowed"
+            allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
+            message = f"Method {request.method} not allowed on {request.url.path}; use {allow}"
         kserve = request.url.path.startswith("/v2")
         return JSONResponse(
             {"error": message} if kserve else error_body(message, type_, code),

@@ -182,6 +182,12 @@ class ModelConfig(_Strict):
                     "command: backend 'command' needs the argv that starts the server, "
                     'e.g. ["my-server", "--port", "{port}", "--host", "{host}"]'
                 )
+            if not self.path and any("{model_path}" in a for a in self.command):
+                raise ValueError("path: the command uses {model_path}, so the model needs a path")
+        elif self.command is not None:
+            raise ValueError(
+                f"command: only backend 'command' runs a command, not '{self.backend.value}'"
+            )
         elif not self.path:
             raise ValueError(f"path: backend '{self.backend.value}' needs the model's path")
         return self
@@ -344,11 +350,20 @@ def parse_config(data: Any, base_dir: Path | None = None) -> Config:
     except ValidationError as exc:
         raise ConfigError(_readable(exc, data)) from None
     from dynllm.backends import type_problem  # the adapters import this module
+    from dynllm.registry import ApiFamily
 
+    families = {f.value for f in ApiFamily}
     problems = [
         f"models[{i}].model_type ('{model.name}'): {problem}"
         for i, model in enumerate(config.models)
         if (problem := type_problem(model))
+    ]
+    problems += [
+        f"models[{i}].upstream_paths ('{model.name}'): unknown API family '{key}'; one of "
+        + ", ".join(sorted(families))
+        for i, model in enumerate(config.models)
+        for key in model.upstream_paths
+        if key not in families
     ]
     if problems:
         raise ConfigError("\n".join(problems))

@@ -37,6 +37,10 @@ class ProcessEffects:
         launch = launch_for(self.config, spec, port)
         if (problem := missing_binary(self.config, spec)) is not None:
             raise BackendMissing(problem[0].upper() + problem[1:])
+        if launch.mmproj_path is not None and not launch.mmproj_path.exists():
+            raise ModelFileMissing(
+                f"The mmproj file for '{spec.name}' does not exist: {launch.mmproj_path}"
+            )
         if spec.path and not launch.model_path.exists():
             raise ModelFileMissing(
                 f"The model file for '{spec.name}' does not exist: {launch.model_path}"

@@ -48,7 +48,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 _REQUEST_DROP_TYPED = HOP_BY_HOP | {b"content-type"}
-_RESPONSE_DROP = HOP_BY_HOP - {b"content-length"}
+# The server adds its own Date; the backend's would make two.
+_RESPONSE_DROP = (HOP_BY_HOP - {b"content-length"}) | {b"date"}
 CONNECT_ATTEMPTS = 5
 MAX_ERROR_BODY = 64 << 10
 KEEPALIVE_SECONDS = 4.0
@@ -223,7 +224,7 @@ async def forward(
                 upstream = await client.request(
                     method, url, data=data, headers=sent_headers, allow_redirects=False
                 )
-            except aiohttp.ClientConnectorError as exc:
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # The connection could not be opened: nothing was sent, so
                 # trying again cannot repeat the request.
                 if attempt == CONNECT_ATTEMPTS:
@@ -269,6 +270,8 @@ async def _error_answer(upstream: aiohttp.ClientResponse, lease: Lease, shape: S
 
 def plain_failure(exc: BaseException) -> str:
     """What went wrong with a backend connection, in words (never a library repr)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "could not be reached (timed out opening a connection)"
     if isinstance(exc, aiohttp.ClientConnectorError):
         if isinstance(exc.os_error, ConnectionRefusedError):
             return "could not be reached (connection refused: is it still running?)"
@@ -286,6 +289,6 @@ def plain_failure(exc: BaseException) -> str:
 
 def _no_answer(lease: Lease, exc: BaseException) -> BackendError:
     what = plain_failure(exc)
-    if not isinstance(exc, aiohttp.ClientConnectorError):
+    if not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         what += "; the request was not sent again because the backend may have read it"
     return BackendError(f"The backend for '{lease.spec.name}' {what}")

@@ -27,7 +27,7 @@ class ModelAt(Enum):
 
 
 class Body(Enum):
-    JSON = auto()  # read whole (size-limited), parsed once for "model"
+    JSON = auto()  # read whole, parsed once for "model"
     MULTIPART = auto()  # spooled to memory/disk while the "model" field is found
     RAW = auto()  # bytes as they came (KServe binary extension included)
     NONE = auto()

@@ -54,8 +54,7 @@ def missing_binary(config: Config, model: ModelConfig) -> str | None:
     executable), naming it and how to install it; None if it can be found."""
     argv0 = model.command[0] if model.command else config.backend.binary_for(model.backend)
     path = Path(argv0).expanduser()
-    if path.parent != Path("."):
-        path = path if path.is_absolute() else config.base_dir / path
+    if path.parent != Path("."):  # a path, taken as the process will take it
         found = path.is_file() and os.access(path, os.X_OK)
     else:
         found = shutil.which(argv0) is not None
