@@ -7,8 +7,9 @@ import asyncio
 
 import pytest
 
+from dynllm.api.bodies import Spool
 from dynllm.errors import BackendError
-from dynllm.proxy import forward, make_client, request_headers, response_headers
+from dynllm.proxy import forward, make_client, not_sent, request_headers, response_headers
 from tests.support.net import free_port
 from tests.test_scheduler import make_config
 
@@ -191,3 +192,56 @@ async def test_backend_cookies_are_never_replayed_to_other_requests() -> None:
     finally:
         await client.close()
         server.close()
+
+
+async def test_a_request_the_backend_closed_on_before_it_was_written_is_sent_again() -> None:
+    """The first connection is reset unread while the request is still being
+    written (the body is larger than the socket buffers): the backend cannot
+    have read it, so it goes again, and arrives exactly once."""
+    import hashlib
+    import socket
+    import struct
+
+    body = bytes(range(256)) * (64 << 10)  # 16 MiB
+    connections = 0
+    complete: list[str] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            await asyncio.sleep(0.05)  # let the client start writing, read nothing
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # RST
+            return
+        head = await reader.readuntil(b"\r\n\r\n")
+        fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
+        length = int({k.lower(): v for k, v in fields.items()}[b"content-length"])
+        complete.append(hashlib.sha256(await reader.readexactly(length)).hexdigest())
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    client = make_client(make_config([]))
+    lease = _Lease(server.sockets[0].getsockname()[1])
+    spool = Spool.new()
+    spool.write(body)
+    try:
+        response = await forward(client, lease, "POST", "/v1/x", spool, [])  # type: ignore[arg-type]
+        assert await response.upstream.read() == b"ok"  # type: ignore[union-attr]
+        response.upstream.release()  # type: ignore[union-attr]
+        assert connections == 2 and complete == [hashlib.sha256(body).hexdigest()]
+    finally:
+        await client.close()
+        server.close()
+        spool.close()
+
+
+def test_what_counts_as_not_sent() -> None:
+    import aiohttp
+
+    assert not_sent(aiohttp.ClientOSError(None, "Can not write request body for http://x/"))
+    assert not not_sent(aiohttp.ClientOSError(104, "Connection reset by peer"))
+    assert not not_sent(aiohttp.ServerDisconnectedError())

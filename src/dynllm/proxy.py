@@ -8,8 +8,10 @@ has started ends an event stream with one SSE error event in the OpenAI
 shape.  A backend's own error answer (status >= 400) is translated into the
 route's error shape, its status kept.
 
-A request is sent again only when the connection to the backend could not be
-opened: once it was written, the backend may have read (and acted on) it.
+A request is sent again only when it cannot have reached the backend whole:
+the connection could not be opened, or writing the request failed because
+the backend had closed it.  Once it was written, the backend may have read
+(and acted on) it, and it is never sent again.
 """
 
 from __future__ import annotations
@@ -224,17 +226,20 @@ async def forward(
                 upstream = await client.request(
                     method, url, data=data, headers=sent_headers, allow_redirects=False
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                # The connection could not be opened: nothing was sent, so
-                # trying again cannot repeat the request.
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                unsent = not_sent(exc) or (isinstance(body, Spool) and not body.handed_over)
+                if not unsent:
+                    # Sent, at least in part: the backend may have read it; never again.
+                    raise _no_answer(lease, exc, unsent) from exc
+                # The connection could not be opened, or the backend closed it
+                # before the request could be written (llama-server under a
+                # burst of new connections): it cannot have read the request,
+                # so trying again cannot repeat it.
                 if attempt == CONNECT_ATTEMPTS:
-                    raise _no_answer(lease, exc) from exc
+                    raise _no_answer(lease, exc, unsent) from exc
                 log.debug("'%s' refused a connection (%s); retrying", lease.spec.name, exc)
                 await asyncio.sleep(0.05 * attempt)
                 continue
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                # Sent, at least in part: the backend may have read it; never again.
-                raise _no_answer(lease, exc) from exc
             if upstream.status < 400:
                 return UpstreamResponse(upstream, lease)
             return await _error_answer(upstream, lease, shape)
@@ -268,6 +273,20 @@ async def _error_answer(upstream: aiohttp.ClientResponse, lease: Lease, shape: S
     return ErrorAnswer(status, headers, payload)
 
 
+WRITE_FAILED = "Can not write request body"  # aiohttp's words when writing the request failed
+
+
+def not_sent(exc: BaseException) -> bool:
+    """Whether the request certainly did not reach the backend whole: the
+    connection could not be opened, or writing the request onto it failed
+    (the backend had already closed it).  A backend acts only on a complete
+    request, so such a request may be sent again; any other failure may come
+    after the backend read it."""
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return True
+    return isinstance(exc, aiohttp.ClientOSError) and (exc.strerror or "").startswith(WRITE_FAILED)
+
+
 def plain_failure(exc: BaseException) -> str:
     """What went wrong with a backend connection, in words (never a library repr)."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
@@ -276,6 +295,8 @@ def plain_failure(exc: BaseException) -> str:
         if isinstance(exc.os_error, ConnectionRefusedError):
             return "could not be reached (connection refused: is it still running?)"
         return "could not be reached (the connection could not be opened)"
+    if not_sent(exc):
+        return "closed the connection before the request could be sent"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "closed the connection without answering"
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -287,8 +308,9 @@ def plain_failure(exc: BaseException) -> str:
     return "failed to answer"
 
 
-def _no_answer(lease: Lease, exc: BaseException) -> BackendError:
+def _no_answer(lease: Lease, exc: BaseException, unsent: bool = False) -> BackendError:
     what = plain_failure(exc)
-    if not isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    log.warning("backend for '%s' %s (%r)", lease.spec.name, what, exc)
+    if not unsent:
         what += "; the request was not sent again because the backend may have read it"
     return BackendError(f"The backend for '{lease.spec.name}' {what}")

@@ -88,6 +88,9 @@ class Spool:
     size: int = 0
     replace: tuple[int, int, bytes] | None = None
     """(start, end, new bytes): a span to swap on the way out (the model field)."""
+    handed_over: bool = False
+    """The last ``stream`` went to its end: the client library asked for more
+    after writing the last piece, so the whole body left this process."""
 
     @classmethod
     def new(cls) -> Spool:
@@ -107,6 +110,7 @@ class Spool:
 
     async def stream(self) -> AsyncIterator[bytes]:
         """The body as it goes to the backend; each call starts from the beginning."""
+        self.handed_over = False
         spans: list[tuple[int, int] | bytes] = [(0, self.size)]
         if self.replace is not None:
             start, end, new = self.replace
@@ -123,6 +127,7 @@ class Spool:
                     return
                 position += len(chunk)
                 yield chunk
+        self.handed_over = True
 
     def close(self) -> None:
         self.file.close()
