@@ -48,7 +48,9 @@ def real_backend(**top: Any) -> dict[str, Any]:
     return {"backend": {"llamacpp_binary": llama_server_binary()}, **top}
 
 
-async def test_openai_client_chat_completions_and_embeddings(make_config: ConfigFactory) -> None:
+async def test_openai_client_chat_completions_responses_and_embeddings(
+    make_config: ConfigFactory,
+) -> None:
     config = make_config(real_models(), **real_backend())
     async with serve(config) as app:
         client = openai.AsyncOpenAI(base_url=app.base_url + "/v1", api_key="unused", max_retries=0)
@@ -83,6 +85,11 @@ async def test_openai_client_chat_completions_and_embeddings(make_config: Config
             )
             texts = [c.choices[0].text async for c in stream2 if c.choices]
             assert len([t for t in texts if t]) == 8
+
+            response = await client.responses.create(
+                model="tiny-chat", input="Hello", max_output_tokens=6
+            )
+            assert response.output_text.strip()
 
             embedding = await client.embeddings.create(model="embed", input=["hello world", "bye"])
             assert len(embedding.data) == 2 and len(embedding.data[0].embedding) == 64

@@ -23,6 +23,7 @@ class LlamaCpp(Adapter):
     routes: ClassVar = {
         ApiFamily.CHAT: "/v1/chat/completions",
         ApiFamily.COMPLETIONS: "/v1/completions",
+        ApiFamily.RESPONSES: "/v1/responses",
         ApiFamily.EMBEDDINGS: "/v1/embeddings",
         ApiFamily.RERANK: "/v1/rerank",
     }
