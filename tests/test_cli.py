@@ -272,3 +272,17 @@ def test_bad_overrides_exit_2_without_traceback(
     assert result.returncode == EXIT_CONFIG
     assert names in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_config_names_a_missing_backend_program(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"gguf")
+    (tmp_path / "c.yaml").write_text(
+        "backend: {llamacpp_binary: /opt/none/llama-server}\n"
+        "models:\n  - {name: chat, path: m.gguf, backend: llamacpp, vram_mb: 10}\n"
+    )
+    result = run_cli(tmp_path, "--check-config", "c.yaml")
+    assert result.returncode == 0, result.stderr  # a warning: it may be installed later
+    assert (
+        "WARNING: the llamacpp backend program '/opt/none/llama-server' of model 'chat' was "
+        "not found or is not executable: install llama.cpp's llama-server"
+    ) in result.stdout

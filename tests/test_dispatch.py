@@ -380,9 +380,13 @@ async def test_upload_limit_answers_413_before_reading_the_body(
         assert await app.spawned_pids() == []
 
 
-async def test_a_missing_backend_program_is_a_503_naming_it(make_config: ConfigFactory) -> None:
+async def test_a_missing_backend_program_is_a_503_naming_it(
+    make_config: ConfigFactory, caplog: pytest.LogCaptureFixture
+) -> None:
     config = make_config([{"name": "m"}], backend={"llamacpp_binary": "/nowhere/llama-server"})
     async with serve(config) as app:
+        startup = "the llamacpp backend program '/nowhere/llama-server' of model 'm' was not found"
+        assert startup in caplog.text  # said at startup, before any request
         response = await app.chat("m")
         assert response.status_code == 503
         error = response.json()["error"]
