@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -97,6 +98,60 @@ def _upstream(services: Services, spec: ModelConfig, route: Route) -> Upstream:
     return upstream
 
 
+@dataclass(slots=True)
+class Incoming:
+    """A request's body as read for its route, and the model it names."""
+
+    label: str
+    body: bytes | bodies.Spool | None
+    content_type: str | None = JSON  # None: the client's own goes upstream
+    data: dict[str, Any] | None = None  # the parsed JSON body
+    field: bodies.ModelField | None = None  # where a multipart "model" lies
+
+    def to_backend(self, upstream: Upstream) -> bytes | bodies.Spool | None:
+        """The body as the backend must receive it (its own model name, its defaults)."""
+        if self.data is not None and (upstream.served_name or upstream.defaults):
+            assert isinstance(self.body, bytes)
+            return rewrite_json_model(self.body, self.data, upstream.served_name, upstream.defaults)
+        field, spool = self.field, self.body
+        if upstream.served_name not in (None, self.label) and field and spool:
+            assert isinstance(spool, bodies.Spool)
+            assert field.start is not None and field.end is not None
+            spool.replace = (field.start, field.end, str(upstream.served_name).encode())
+        return self.body
+
+    def close(self) -> None:
+        if isinstance(self.body, bodies.Spool):
+            self.body.close()
+
+
+async def read_request(
+    services: Services, route: Route, kserve: KServePath | None, scope: Scope, receive: Receive
+) -> Incoming:
+    """Read the body the way the route says and find the model it names."""
+    if route.body is Body.JSON:
+        body = await bodies.read_body(receive)
+        data = bodies.parse_json_object(body)
+        return Incoming(bodies.requested_model(data), body, data=data)
+    label = kserve.name if kserve is not None else ""
+    if route.body is Body.NONE:
+        return Incoming(label, None, content_type=None)
+    limit = int(services.config.max_upload_mb * (1 << 20))
+    bodies.check_length(scope, limit)  # 413 before a byte is read
+    field = None
+    if route.model_at is ModelAt.FORM:
+        field = bodies.ModelField(bodies.header(scope, b"content-type"))
+    spool = bodies.Spool.new()
+    try:
+        await bodies.spool_body(receive, limit, spool, field and field.feed)
+        if field is not None:
+            label = field.model()
+    except BaseException:
+        spool.close()
+        raise
+    return Incoming(label, spool, content_type=None, field=field)
+
+
 async def dispatch(
     services: Services,
     route: Route,
@@ -110,45 +165,16 @@ async def dispatch(
         message = f"Method {scope['method']} not allowed on {scope['path']}; use {route.allow}"
         await send_error(send, MethodNotAllowed(message, allow=route.allow), route.shape)
         return
-    spool: bodies.Spool | None = None
     finish = Finish()
     watch: ClientWatch | None = None
-    field: bodies.ModelField | None = None
-    data: dict[str, Any] = {}
+    incoming: Incoming | None = None
     try:
-        body: bytes | bodies.Spool | None
-        content_type: str | None = JSON
-        if route.body is Body.JSON:
-            body = await bodies.read_body(receive)
-            data = bodies.parse_json_object(body)
-            label = bodies.requested_model(data)
-        else:
-            if route.body is not Body.NONE:
-                limit = int(services.config.max_upload_mb * (1 << 20))
-                bodies.check_length(scope, limit)
-                spool = bodies.Spool.new()
-                if route.model_at is ModelAt.FORM:
-                    field = bodies.ModelField(bodies.header(scope, b"content-type"))
-                await bodies.spool_body(receive, limit, spool, field and field.feed)
-                body = spool
-                content_type = None  # the client's, boundary and all
-                label = field.model() if field is not None else ""
-            else:
-                body = None
-                content_type = None
-            if kserve is not None:
-                label = kserve.name
-        spec = services.registry.for_family(label, route.family)
+        incoming = await read_request(services, route, kserve, scope, receive)
+        spec = services.registry.for_family(incoming.label, route.family)
         upstream = _upstream(services, spec, route)
-        path = upstream.path
-        if kserve is not None:
-            path += kserve.model_part
-        if route.body is Body.JSON and (upstream.served_name or upstream.defaults):
-            assert isinstance(body, bytes)
-            body = rewrite_json_model(body, data, upstream.served_name, upstream.defaults)
-        elif upstream.served_name not in (None, label) and field and spool:
-            assert field.start is not None and field.end is not None
-            spool.replace = (field.start, field.end, str(upstream.served_name).encode())
+        path = upstream.path + (kserve.model_part if kserve is not None else "")
+        body = incoming.to_backend(upstream)
+        # From here on a client that leaves cancels this task, wherever it waits.
         watch = ClientWatch(receive, finish)
         lease = await services.scheduler.acquire(spec)
         answer = await forward(
@@ -159,7 +185,7 @@ async def dispatch(
             body,
             scope["headers"],
             scope.get("query_string", b""),
-            content_type=content_type,
+            content_type=incoming.content_type,
             shape=route.shape,
         )
         await answer.send_to(send, finish)
@@ -182,8 +208,8 @@ async def dispatch(
     finally:
         if watch is not None:
             watch.close()
-        if spool is not None:
-            spool.close()
+        if incoming is not None:
+            incoming.close()
 
 
 async def _reply_error(
