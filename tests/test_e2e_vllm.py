@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import ConfigFactory, serve
 from tests.support import envs
-from tests.support.env_vllm import BUILD_TINY_QWEN2, TINY_QWEN2, VLLM_VENV
+from tests.support.env_vllm import BUILDER, TINY_QWEN2, VLLM_VENV
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -41,25 +41,19 @@ def vllm_install(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     if binary:
         python = Path(binary).with_name("python")
         out = tmp_path_factory.mktemp("vllm-tiny-qwen2")
-        subprocess.run([str(python), "-c", BUILD_TINY_QWEN2, str(out)], check=True, timeout=600)
+        subprocess.run([python, BUILDER, "vllm-chat", out], check=True, timeout=600)
         return binary, out
     if os.environ.get(OPT_IN) != "1":
         # Even when the venv is cached: each run starts two engines (1-2 minutes).
         reason = f"vllm: opt-in; set {OPT_IN}=1 (or {BINARY_ENV}) to run the vLLM tests"
         envs.SKIPPED.append(reason)
         pytest.skip(f"BACKEND ENVIRONMENT UNAVAILABLE: {reason}")
-    venv = envs.require(VLLM_VENV)
+    envs.require(VLLM_VENV)
     try:
         model = envs.ensure(TINY_QWEN2)
     except envs.Unavailable as exc:
         pytest.fail(f"the vLLM venv is built but the tiny model could not be: {exc}")
-    # The venv is built under another name and renamed, so its console scripts'
-    # shebangs name a python that is gone: run the real `vllm` script with the
-    # venv's python instead.
-    launcher = tmp_path_factory.mktemp("vllm-bin") / "vllm"
-    launcher.write_text(f'#!/bin/sh\nexec "{venv}/bin/python" "{venv}/bin/vllm" "$@"\n')
-    launcher.chmod(0o755)
-    return str(launcher), model
+    return str(VLLM_VENV.bin("vllm")), model
 
 
 def vllm_model(name: str, path: Path, **extra: Any) -> dict[str, Any]:

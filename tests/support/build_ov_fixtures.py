@@ -3,7 +3,9 @@
 Run inside the ``ov-export`` environment (tests/support/env_ovms.py):
 ``python build_ov_fixtures.py OUT_DIR``.  Nothing is downloaded: every source
 model is made here with random weights and a tokenizer trained on a few
-hundred words, saved as a Hugging Face folder, then exported to IR.
+hundred words, saved as a Hugging Face folder, then exported to IR.  What the
+LLM and Whisper share with the transformers serve models (``build_hf_fixtures.py``)
+is in ``tiny_hf.py``, next to this script.
 
 Recipe (BACKENDS.md, "Checked again on 2026-12-01"):
   pip install torch==2.13.0 "optimum-intel[openvino]==2.2.0" openvino==2026.4.1 \
@@ -32,13 +34,13 @@ for Whisper they go to ``suppress_tokens``.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import tiny_hf
 import torch
 
 SEED = 1234
@@ -58,7 +60,6 @@ VOCABULARY = (
     "school father keep tree never start city earth eye light thought head under story saw"
 )
 WORDS = VOCABULARY.split()
-WORD_TOKEN = re.compile(r"^Ġ[a-z]{2,}$")  # a space, then a plain word
 
 
 def corpus(lines: int = 400, seed: int = SEED) -> list[str]:
@@ -71,12 +72,8 @@ def corpus(lines: int = 400, seed: int = SEED) -> list[str]:
 
 
 def export(src: Path, out: Path, task: str, *extra: str) -> None:
-    # ``python -m``, not the optimum-cli script: independent of the scripts'
-    # shebangs (a venv moved after it was built has dead ones).
     argv = [
-        sys.executable,
-        "-m",
-        "optimum.commands.optimum_cli",
+        str(Path(sys.executable).with_name("optimum-cli")),  # this venv's
         "export",
         "openvino",
         "-m",
@@ -95,59 +92,17 @@ def export(src: Path, out: Path, task: str, *extra: str) -> None:
 
 
 # --------------------------------------------------------------------------- LLM
-CHATML = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def byte_level_bpe(vocab_size: int, specials: list[str]):  # -> tokenizers.Tokenizer
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus(), trainer=trainer)
-    return tok
-
-
 def build_llm(src: Path) -> None:
-    from transformers import (
-        GenerationConfig,
-        PreTrainedTokenizerFast,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import GenerationConfig, Qwen2ForCausalLM
 
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_bpe(420, specials),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token=None,
-    )
-    tokenizer.chat_template = CHATML
+    tokenizer = tiny_hf.chatml_tokenizer(420, corpus())
     vocab = tokenizer.get_vocab()
     torch.manual_seed(SEED)
-    config = Qwen2Config(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_hf.qwen2_config(
+        vocab,
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
+        tie_word_embeddings=False,  # the output weights are edited apart from the inputs
         bos_token_id=vocab["<|endoftext|>"],
-        eos_token_id=vocab["<|im_end|>"],
     )
     model = Qwen2ForCausalLM(config).eval()
     with torch.no_grad():
@@ -158,15 +113,14 @@ def build_llm(src: Path) -> None:
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[0, :] = 0.0
             layer.mlp.down_proj.weight[0, :] = 0.0
-        banned = [i for t, i in vocab.items() if not WORD_TOKEN.match(t)]
         model.lm_head.weight[:, 0] = 0.0
-        model.lm_head.weight[banned, 0] = -100.0
+        model.lm_head.weight[tiny_hf.non_words(vocab), 0] = -100.0
     model.save_pretrained(src)
     tokenizer.save_pretrained(src)
     GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
-        pad_token_id=vocab["<|endoftext|>"],
+        pad_token_id=config.pad_token_id,
         do_sample=False,
     ).save_pretrained(src)
 
@@ -262,8 +216,6 @@ LANGS = ["en", "fr", "de", "es"]
 
 def build_whisper(src: Path) -> None:
     from transformers import (
-        GenerationConfig,
-        WhisperConfig,
         WhisperFeatureExtractor,
         WhisperForConditionalGeneration,
         WhisperProcessor,
@@ -271,7 +223,7 @@ def build_whisper(src: Path) -> None:
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        bpe = byte_level_bpe(300, ["<|endoftext|>"])
+        bpe = tiny_hf.byte_level_bpe(300, ["<|endoftext|>"], corpus())
         bpe.model.save(tmp)
         tokenizer = WhisperTokenizer(
             f"{tmp}/vocab.json",
@@ -281,61 +233,21 @@ def build_whisper(src: Path) -> None:
             eos_token="<|endoftext|>",
             pad_token="<|endoftext|>",
         )
-    # Whisper's order of special tokens: end of text, start of transcript,
-    # the languages, translate, transcribe, ..., no timestamps, timestamps.
-    specials = [
-        "<|startoftranscript|>",
-        *[f"<|{lang}|>" for lang in LANGS],
-        "<|translate|>",
-        "<|transcribe|>",
-        "<|startoflm|>",
-        "<|startofprev|>",
-        "<|nospeech|>",
-        "<|notimestamps|>",
-    ]
-    tokenizer.add_special_tokens({"additional_special_tokens": specials})
-    tokenizer.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(1501)])
+    tokenizer.add_special_tokens({"additional_special_tokens": tiny_hf.whisper_specials(LANGS)[1:]})
+    tokenizer.add_tokens(tiny_hf.WHISPER_TIMESTAMPS)
     ids = tokenizer.get_vocab()
-    eot = ids["<|endoftext|>"]
     extractor = WhisperFeatureExtractor(feature_size=80)
     torch.manual_seed(SEED)
-    config = WhisperConfig(
-        vocab_size=len(tokenizer),
-        num_mel_bins=80,
-        d_model=64,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        max_source_positions=1500,
-        max_target_positions=64,
-        decoder_start_token_id=ids["<|startoftranscript|>"],
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-    )
-    model = WhisperForConditionalGeneration(config).eval()
+    model = WhisperForConditionalGeneration(tiny_hf.whisper_config(ids)).eval()
     model.save_pretrained(src)
     WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(src)
     # Every token that is not a word is suppressed, the end of text included:
     # a random model then always writes max_new_tokens words.
-    suppress = sorted(i for t, i in ids.items() if not WORD_TOKEN.match(t))
-    GenerationConfig(
-        decoder_start_token_id=config.decoder_start_token_id,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-        max_length=24,
+    tiny_hf.whisper_generation_config(
+        ids,
+        LANGS,
+        tiny_hf.non_words(ids),
         max_new_tokens=12,
-        is_multilingual=True,
-        lang_to_id={f"<|{lang}|>": ids[f"<|{lang}|>"] for lang in LANGS},
-        task_to_id={"translate": ids["<|translate|>"], "transcribe": ids["<|transcribe|>"]},
-        no_timestamps_token_id=ids["<|notimestamps|>"],
-        prev_sot_token_id=ids["<|startofprev|>"],
-        begin_suppress_tokens=[eot],
-        suppress_tokens=suppress,
         max_initial_timestamp_index=50,
     ).save_pretrained(src)
 

@@ -18,7 +18,7 @@ import os
 import stat
 from pathlib import Path
 
-from tests.support import envs
+from tests.support import envs, tiny_hf
 
 OV = ("openvino==2026.4.1", "openvino-genai==2026.4.1.0", "openvino-tokenizers==2026.4.1.0")
 
@@ -60,16 +60,22 @@ def _build_ir(out_dir: Path) -> None:
         raise envs.Unavailable(f"ovms-ir: the builder did not write {missing}")
 
 
-# Bump ``version`` whenever build_ov_fixtures.py changes what it writes.
-IR_FIXTURE = envs.Fixture("ovms-ir", version="2", build=_build_ir, needs=(EXPORT_VENV,))
+# An edit to build_ov_fixtures.py or tiny_hf.py rebuilds the models.
+IR_FIXTURE = envs.Fixture(
+    "ovms-ir", tiny_hf.fixture_version(BUILDER), build=_build_ir, needs=(EXPORT_VENV,)
+)
 
 ALL: list[envs.Buildable] = [STANDIN_VENV, EXPORT_VENV, IR_FIXTURE]
 
 
 def ovms_binary(tmp: Path) -> Path:
     """An executable ``ovms`` in ``tmp`` that runs the stand-in with its venv's
-    python (written at run time: the venv lives in a cache folder); skips the
-    test loudly when the venv could not be built."""
+    python; skips the test loudly when the venv could not be built.
+
+    Still a wrapper, though the venv's console scripts work: the stand-in is a
+    script of this repository, not a console script of the venv, and dynllm's
+    ``backend.ovms_binary`` names one executable.  ``exec`` keeps one process,
+    so dynllm's pid is the server's."""
     envs.require(STANDIN_VENV)
     tmp.mkdir(parents=True, exist_ok=True)
     wrapper = tmp / "ovms"

@@ -8,14 +8,12 @@ torch and transformers, which dynllm's own environment does not have).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
-import stat
 import wave
 from pathlib import Path
 
-from tests.support import envs
+from tests.support import envs, tiny_hf
 
 BUILDER = Path(__file__).with_name("build_hf_fixtures.py")
 
@@ -34,45 +32,27 @@ VENV = envs.Venv(
 )
 
 
-def _builder_version() -> str:
-    # The builder's own text is its version: an edit rebuilds the models.
-    return hashlib.sha256(BUILDER.read_bytes()).hexdigest()[:12]
-
-
-def _write_launcher(out: Path) -> None:
-    # The venv's own bin/transformers cannot be run: pip wrote its shebang
-    # while the venv still lay at its temporary build path (envs builds in
-    # "<name>.tmp" and renames).  This launcher runs the same entry point
-    # with the venv's python, whose path survives the rename.  `exec` keeps
-    # one process, so dynllm's pid is the server's.
-    launcher = out / "transformers"
-    launcher.write_text(
-        "#!/bin/sh\n"
-        f"exec '{VENV.python}' -m transformers.cli.transformers \"$@\"\n"
-    )  # fmt: skip
-    launcher.chmod(launcher.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
 def _model(kind: str) -> envs.Fixture:
     def build(out: Path) -> None:
         VENV.run(BUILDER, kind, out, timeout=600)
 
-    return envs.Fixture(f"hf-tiny-{kind}", _builder_version(), build, needs=(VENV,))
+    # An edit to the builder or to tiny_hf.py rebuilds the models.
+    version = tiny_hf.fixture_version(BUILDER)
+    return envs.Fixture(f"hf-tiny-{kind}", version, build, needs=(VENV,))
 
 
-LAUNCHER = envs.Fixture("transformers-launcher", "1", _write_launcher, needs=(VENV,))
 CHAT = _model("chat")
 """Qwen2-shaped, 2 layers of width 64; answers only words of the form " word"."""
 WHISPER = _model("whisper")
 """Whisper-shaped, 1+1 layers of width 64, 80 mel bins; transcribes into words."""
 
-ALL: tuple[envs.Buildable, ...] = (VENV, LAUNCHER, CHAT, WHISPER)
+ALL: list[envs.Buildable] = [VENV, CHAT, WHISPER]
 
 
 def transformers_binary() -> str:
-    """The ``transformers`` command (``transformers serve ...``), or a loud skip."""
+    """The venv's ``transformers`` command (``transformers serve ...``), or a loud skip."""
     envs.require(VENV)
-    return str(envs.require(LAUNCHER) / "transformers")
+    return str(VENV.bin("transformers"))
 
 
 def chat_model_dir() -> Path:

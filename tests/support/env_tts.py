@@ -39,14 +39,10 @@ index.html, so a probe there would pass before (or without) the API."""
 
 
 def local_tts_argv() -> list[str]:
-    """How to start ``local-tts`` (before ``--host``/``--port``); skips the test
-    loudly if the venv is missing.
-
-    ``python -m local_tts.cli`` rather than the ``bin/local-tts`` console script:
-    envs builds each venv in a ``.tmp`` folder and renames it, so the scripts'
-    shebangs name a python that no longer exists."""
+    """How to start ``local-tts`` (before ``--host``/``--port``): the venv's
+    console script; skips the test loudly if the venv is missing."""
     envs.require(TTS)
-    return [str(TTS.python), "-m", "local_tts.cli"]
+    return [str(TTS.bin("local-tts"))]
 
 
 def voices_dir() -> Path:
