@@ -265,7 +265,11 @@ def build_all(items: Sequence[Buildable], log: Callable[[str], None] = print) ->
 
 
 def main() -> int:
-    failures = build_all(registered())
+    # Run as ``python -m`` this file is ``__main__``, a second copy of the
+    # module whose Venv/Fixture classes are not the ones env_*.py use.
+    from tests.support import envs
+
+    failures = envs.build_all(envs.registered())
     return 1 if failures else 0
 
 
