@@ -211,25 +211,8 @@ async def test_image_generation(make_config: ConfigFactory, tmp_path: Path) -> N
 
 
 def binary_infer_request() -> tuple[bytes, dict[str, str]]:
-    values = struct.pack("<4f", 0.5, -1.0, 2.0, 0.25)
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "FP32",
-                    "shape": [1, 4],
-                    "parameters": {"binary_data_size": len(values)},
-                }
-            ],
-            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
-    headers = {
-        "Inference-Header-Content-Length": str(len(header)),
-        "Content-Type": "application/octet-stream",
-    }
-    return header + values, headers
+    header = env_ovms.classifier_binary_header()
+    return header + env_ovms.CLASSIFIER_VALUES, env_ovms.binary_headers(header)
 
 
 async def test_kserve_json_and_binary_pass_through_byte_identical(

@@ -477,7 +477,7 @@ def test_kserve_metadata_ready_and_json_infer(servers: Any) -> None:
 
 def test_kserve_binary_extension_round_trip_is_byte_exact(servers: Any) -> None:
     s = servers("classifier", None)
-    values = struct.pack("<4f", 0.5, -1.0, 2.0, 0.25)
+    values = env_ovms.CLASSIFIER_VALUES
     as_json = {
         "inputs": [
             {
@@ -490,26 +490,11 @@ def test_kserve_binary_extension_round_trip_is_byte_exact(servers: Any) -> None:
     }
     expected = s.post("/v2/models/classifier/infer", as_json).json()["outputs"][0]["data"]
 
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "FP32",
-                    "shape": [1, 4],
-                    "parameters": {"binary_data_size": len(values)},
-                }
-            ],
-            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-        }
-    ).encode()
+    header = env_ovms.classifier_binary_header(values)
     reply = s.http.post(
         "/v2/models/classifier/infer",
         content=header + values,
-        headers={
-            "Inference-Header-Content-Length": str(len(header)),
-            "Content-Type": "application/octet-stream",
-        },
+        headers=env_ovms.binary_headers(header),
     )
     assert reply.status_code == 200, reply.text
     head_len = int(reply.headers["Inference-Header-Content-Length"])

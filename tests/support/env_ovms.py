@@ -14,8 +14,10 @@ openvino-genai doing real inference.  Two environments:
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import struct
 from pathlib import Path
 
 from tests.support import envs, tiny_hf
@@ -96,3 +98,32 @@ def standin_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("VIRTUAL_ENV", None)
     return env
+
+
+# The IR classifier takes one FP32 input of shape [1, 4] named "input".
+CLASSIFIER_VALUES = struct.pack("<4f", 0.5, -1.0, 2.0, 0.25)
+
+
+def classifier_binary_header(values: bytes = CLASSIFIER_VALUES) -> bytes:
+    """The JSON part of a KServe binary-extension request for the classifier,
+    asking for its output as raw bytes too."""
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 4],
+                    "parameters": {"binary_data_size": len(values)},
+                }
+            ],
+            "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+
+
+def binary_headers(header: bytes) -> dict[str, str]:
+    return {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
