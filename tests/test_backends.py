@@ -191,3 +191,21 @@ def test_missing_backend_program_names_it_and_how_to_install(tmp_path: Path) -> 
     assert "not executable" in str(missing_binary(found, found.models[0]))
     program.chmod(0o755)
     assert missing_binary(found, found.models[0]) is None
+
+
+def test_a_program_under_home_is_expanded_as_it_is_checked(monkeypatch: Any) -> None:
+    monkeypatch.setenv("HOME", "/home/u")
+    config = parse_config(
+        {"backend": {"llamacpp_binary": "~/bin/llama-server"},
+         "enabled_backends": ["llamacpp", "command"],
+         "models": [{"name": "m", "path": "/m", "backend": "llamacpp", "vram_mb": 1},
+                    {"name": "c", "backend": "command", "vram_mb": 0,
+                     "command": ["~/venv/bin/srv", "--port", "{port}"]}]}
+    )  # fmt: skip
+    assert command_line(config, config.models[0], 9123)[0] == "/home/u/bin/llama-server"
+    assert command_line(config, config.models[1], 9123)[:3] == [
+        "/home/u/venv/bin/srv",
+        "--port",
+        "9123",
+    ]
+    assert "'~/bin/llama-server'" in str(missing_binary(config, config.models[0]))

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from dynllm.api import bodies
-from dynllm.errors import BadRequest, InvalidMultipart, PayloadTooLarge
+from dynllm.errors import BadRequest, InvalidJSON, InvalidMultipart, PayloadTooLarge
 
 BOUNDARY = "----dynllmtestboundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}".encode()
@@ -145,3 +145,8 @@ def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
     with pytest.raises(PayloadTooLarge):
         bodies.check_length(scope, 1000)
     bodies.check_length({"headers": [(b"content-length", b"1000")]}, 1000)
+
+
+def test_deep_json_is_a_400_not_a_crash() -> None:
+    with pytest.raises(InvalidJSON, match="nested too deeply"):
+        bodies.parse_json_object(b"[" * 200_000)

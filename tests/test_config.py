@@ -740,7 +740,37 @@ def test_nan_unload_time_is_an_error(tmp_path: Path, literal: str) -> None:
         ),
         (
             {"backend": "llamacpp", "path": "m.gguf", "command": ["srv"]},
-            "models[0] ('m').command: only backend 'command' runs a command, not 'llamacpp'",
+            "models[0] ('m').command: only backend 'command' uses it, not 'llamacpp'",
+        ),
+        (
+            {"backend": "command", "command": ["srv"], "extra_args": ["--m", "{model_path}"]},
+            "models[0] ('m').path: the command uses {model_path}, so the model needs a path",
+        ),
+        (
+            {
+                "backend": "llamacpp",
+                "path": "m.gguf",
+                "model_type": "llm",
+                "mmproj": "p.gguf",
+                "gpu_memory_utilization": 0.5,
+            },
+            "models[0] ('m').gpu_memory_utilization: only backend 'vllm' uses it, not 'llamacpp'",
+        ),
+        (
+            {"backend": "vllm", "path": "m", "model_type": "llm", "mmproj": "p.gguf"},
+            "models[0] ('m').mmproj: only backend 'llamacpp' uses it, not 'vllm'",
+        ),
+        (
+            {"backend": "llamacpp", "path": "m", "model_type": "llm", "health_path": "/h"},
+            "models[0] ('m').health_path: only backend 'command' uses it, not 'llamacpp'",
+        ),
+        (
+            {"backend": "command", "command": ["srv"], "health_path": "health"},
+            "models[0] ('m').health_path: a URL path must start with '/', not 'health'",
+        ),
+        (
+            {"backend": "command", "command": ["srv"], "upstream_paths": {"audio.speech": "tts"}},
+            "models[0] ('m').upstream_paths.audio.speech: a URL path must start with '/'",
         ),
         (
             {"backend": "command", "command": ["srv"], "upstream_paths": {"chatt": "/c"}},
@@ -748,8 +778,8 @@ def test_nan_unload_time_is_an_error(tmp_path: Path, literal: str) -> None:
         ),
     ],
 )
-def test_command_backend_keys_are_checked(model: dict[str, Any], message: str) -> None:
+def test_new_backend_keys_are_checked(model: dict[str, Any], message: str) -> None:
     entry = {"name": "m", "vram_mb": 1, "model_type": "speech", **model}
     with pytest.raises(ConfigError) as info:
-        parse_config({"enabled_backends": ["llamacpp", "command"], "models": [entry]})
+        parse_config({"enabled_backends": ["llamacpp", "vllm", "command"], "models": [entry]})
     assert str(info.value).startswith(message)

@@ -4,12 +4,21 @@ connection that could not be opened is tried again), error translation."""
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
 
 from dynllm.api.bodies import Spool
 from dynllm.errors import BackendError
-from dynllm.proxy import forward, make_client, not_sent, request_headers, response_headers
+from dynllm.proxy import (
+    Finish,
+    forward,
+    make_client,
+    not_sent,
+    request_headers,
+    response_headers,
+)
 from tests.support.net import free_port
 from tests.test_scheduler import make_config
 
@@ -245,3 +254,50 @@ def test_what_counts_as_not_sent() -> None:
     assert not_sent(aiohttp.ClientOSError(None, "Can not write request body for http://x/"))
     assert not not_sent(aiohttp.ClientOSError(104, "Connection reset by peer"))
     assert not not_sent(aiohttp.ServerDisconnectedError())
+
+
+async def test_an_error_body_in_pieces_is_read_whole_and_keeps_the_backends_headers() -> None:
+    body = b'{"error": {"message": "context length exceeded: 9000 > 4096", "code": 400}}'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n"
+            b"retry-after: 7\r\nx-request-id: abc\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        for piece in (body[:30], body[30:]):  # two chunks, apart
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    client = make_client(make_config([]))
+    lease = _Lease(server.sockets[0].getsockname()[1])
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    try:
+        answer = await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+        await answer.send_to(send, Finish())
+        assert sent[0]["status"] == 429 and lease.released == 1
+        headers = dict(sent[0]["headers"])
+        assert headers[b"retry-after"] == b"7" and headers[b"x-request-id"] == b"abc"
+        assert b"transfer-encoding" not in headers
+        assert json.loads(sent[1]["body"])["error"]["message"] == (
+            "context length exceeded: 9000 > 4096"
+        )
+    finally:
+        await client.close()
+        server.close()
+
+
+def test_expect_is_not_forwarded() -> None:
+    raw = [(b"Expect", b"100-continue"), (b"X-Id", b"1")]
+    assert list(request_headers(raw).items()) == [("X-Id", "1")]
+    assert "expect" not in request_headers(raw, "application/json")

@@ -132,6 +132,17 @@ def _timeout_seconds(value: Any) -> float | None:
     return number
 
 
+# Keys dynllm added that only one backend reads: set on another, they would be
+# silently ignored, so they are refused.
+_BACKEND_ONLY_KEYS: dict[str, BackendName] = {
+    "mmproj": BackendName.LLAMACPP,
+    "gpu_memory_utilization": BackendName.VLLM,
+    "command": BackendName.COMMAND,
+    "health_path": BackendName.COMMAND,
+    "upstream_paths": BackendName.COMMAND,
+}
+
+
 class ModelConfig(_Strict):
     name: str = Field(min_length=1)
     path: str = ""
@@ -176,20 +187,26 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _backend_needs(self) -> ModelConfig:
+        for key, owner in _BACKEND_ONLY_KEYS.items():
+            if key in self.model_fields_set and self.backend is not owner:
+                raise ValueError(
+                    f"{key}: only backend '{owner.value}' uses it, not '{self.backend.value}'"
+                )
         if self.backend is BackendName.COMMAND:
             if not self.command or not self.command[0]:
                 raise ValueError(
                     "command: backend 'command' needs the argv that starts the server, "
                     'e.g. ["my-server", "--port", "{port}", "--host", "{host}"]'
                 )
-            if not self.path and any("{model_path}" in a for a in self.command):
+            argv = [*self.command, *self.extra_args]
+            if not self.path and any("{model_path}" in a for a in argv):
                 raise ValueError("path: the command uses {model_path}, so the model needs a path")
-        elif self.command is not None:
-            raise ValueError(
-                f"command: only backend 'command' runs a command, not '{self.backend.value}'"
-            )
         elif not self.path:
             raise ValueError(f"path: backend '{self.backend.value}' needs the model's path")
+        for key, value in [("health_path", self.health_path), *self.upstream_paths.items()]:
+            if not value.startswith("/"):
+                where = "health_path" if key == "health_path" else f"upstream_paths.{key}"
+                raise ValueError(f"{where}: a URL path must start with '/', not {value!r}")
         return self
 
     @field_validator("unload_time", mode="before")

@@ -234,7 +234,7 @@ def from_backend(status: int, body: bytes, model: str) -> BackendAnswer:
     """A backend's error response (status >= 400) as a dynllm error."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         data = None
     message = _message_of(data)
     if message is None:

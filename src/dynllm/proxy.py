@@ -46,12 +46,16 @@ HOP_BY_HOP = frozenset(
         b"transfer-encoding",
         b"upgrade",
         b"host",
+        b"expect",  # uvicorn answered the client's 100-continue; aiohttp would wait for one
         b"content-length",
     }
 )
 _REQUEST_DROP_TYPED = HOP_BY_HOP | {b"content-type"}
 # The server adds its own Date; the backend's would make two.
 _RESPONSE_DROP = (HOP_BY_HOP - {b"content-length"}) | {b"date"}
+# An error answer keeps the backend's headers (Retry-After, WWW-Authenticate,
+# request ids) but gets a new body, so not the ones describing the old one.
+_ERROR_DROP = _RESPONSE_DROP | {b"content-length", b"content-type", b"content-encoding"}
 CONNECT_ATTEMPTS = 5
 MAX_ERROR_BODY = 64 << 10
 KEEPALIVE_SECONDS = 4.0
@@ -186,12 +190,12 @@ class ErrorAnswer:
 
     __slots__ = ("body", "headers", "status")
 
-    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         self.status, self.headers, self.body = status, headers, body
 
     async def send_to(self, send: Send, finish: Finish) -> None:
         raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.body))]
-        raw += [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
+        raw += self.headers
         finish.started = True
         await send({"type": "http.response.start", "status": self.status, "headers": raw})
         finish.done = True
@@ -257,7 +261,7 @@ async def _error_answer(upstream: aiohttp.ClientResponse, lease: Lease, shape: S
     ):
         return UpstreamResponse(upstream, lease)
     try:
-        body = await upstream.content.read(MAX_ERROR_BODY)
+        body = await _read_up_to(upstream, MAX_ERROR_BODY)
     except (aiohttp.ClientError, TimeoutError) as exc:
         upstream.close()
         raise _no_answer(lease, exc) from exc
@@ -269,8 +273,24 @@ async def _error_answer(upstream: aiohttp.ClientResponse, lease: Lease, shape: S
     else:
         upstream.close()
     lease.release()
-    status, headers, payload = from_backend(upstream.status, body, lease.spec.name).render(shape)
+    status, ours, payload = from_backend(upstream.status, body, lease.spec.name).render(shape)
+    headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _ERROR_DROP]
+    headers += [(k.lower().encode(), v.encode()) for k, v in ours.items()]
     return ErrorAnswer(status, headers, payload)
+
+
+async def _read_up_to(upstream: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes (``read(n)`` alone returns what has
+    arrived so far: a body sent in pieces would be cut)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await upstream.content.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 WRITE_FAILED = "Can not write request body"  # aiohttp's words when writing the request failed

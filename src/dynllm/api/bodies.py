@@ -68,6 +68,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidJSON(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJSON("The request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidJSON("The request body must be a JSON object")
     return data

@@ -29,7 +29,7 @@ def adapter_for(model: ModelConfig) -> Adapter:
 
 def launch_for(config: Config, model: ModelConfig, port: int) -> Launch:
     return Launch(
-        binary=config.backend.binary_for(model.backend),
+        binary=os.path.expanduser(config.backend.binary_for(model.backend)),
         model=model,
         model_path=config.model_path(model),
         port=port,

@@ -22,6 +22,7 @@ own name by default.  ``{name}`` is replaced in ``upstream_paths`` and in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from dynllm.backends.base import Adapter, Launch
@@ -73,7 +74,9 @@ class Command(Adapter):
             "model_path": str(launch.model_path),
             "name": m.name,
         }
-        return [substitute(arg, values) for arg in args]
+        argv = [substitute(arg, values) for arg in args]
+        argv[0] = os.path.expanduser(argv[0])  # as missing_binary checks it; exec does not
+        return argv
 
     def probe(self, model: ModelConfig) -> str:
         return substitute(model.health_path, {"name": model.name})
