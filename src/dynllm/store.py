@@ -1,8 +1,25 @@
 """SQLite state (aiosqlite): what each model's backend is doing, across restarts.
 
-The scheduler owns the live state; the store is its durable shadow.  Writes
-are queued and applied by one writer task, so the request path never waits
-on the disk.  ``flush()`` waits until everything queued so far is written.
+The scheduler owns the live state; the store is its durable shadow.  ``record()``
+updates an in-memory copy of every row and marks the row dirty; one writer task
+writes the dirty rows, so the request path never waits on the disk.
+``flush()`` waits until everything recorded so far is written (or a write
+attempt failed: the rows stay dirty and are retried in the background).
+
+Failure rules, because a state file must never stop dynllm from serving:
+
+* One dynllm per state file: ``open()`` takes an exclusive, non-blocking
+  ``flock`` on ``<db>.lock`` for the store's life and raises ``StateLocked``
+  when another process holds it.  The OS drops the lock when the process dies,
+  so a crashed dynllm never leaves a stale lock behind.
+* A corrupt, foreign or unreadable file is moved aside to
+  ``<db>.corrupt-<UTC time>`` (with its -wal/-shm) and a fresh one is created.
+  Where that is impossible, or the file stays locked by another program,
+  ``open()`` raises ``StateError`` naming the path within OPEN_TIMEOUT.
+* A write batch is one transaction: on failure it is rolled back, its rows stay
+  dirty and are retried with backoff; the failure is logged once per burst.
+  A file (or directory) deleted while running is recreated on the next write
+  with every row from the in-memory copy.
 
 On startup ``reconcile()`` compares the rows with the OS: a recorded backend
 still running (same pid, same start time, our marker in its environment) is
@@ -13,11 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
+import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +49,19 @@ from dynllm.backends.base import MARKER_ENV
 from dynllm.supervisor import killpg
 
 log = logging.getLogger("dynllm.store")
+
+# Opening never takes longer than this: a hung file system or a state file
+# locked by another program becomes a StateError instead of a hung startup.
+OPEN_TIMEOUT = 5.0
+# How long one SQLite statement waits for a lock held by another program.
+BUSY_TIMEOUT = 2.0
+# Not the file's fault: raise instead of moving the file aside.
+_TRANSIENT = {
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_NOMEM,
+}
 
 COLUMNS = (
     "status",
@@ -89,37 +123,68 @@ def _upsert(name: str, fields: dict[str, Any], now: float) -> tuple[str, tuple[A
     return sql, (name, *fields.values(), now)
 
 
+class StateError(Exception):
+    """The state file cannot be used; ``str()`` says which file and why."""
+
+
+class StateLocked(StateError):
+    """Another dynllm (another Store) holds the state file's lock."""
+
+
+class _Unusable(Exception):
+    """The file is corrupt, foreign or unreadable: move it aside."""
+
+
 class Store:
+    # Backoff between retries of a failed write (seconds).
+    RETRY_MIN = 0.25
+    RETRY_MAX = 5.0
+
     def __init__(self, path: Path, marker: str) -> None:
         self.path = path
         self.marker = marker
+        self.lock_path = path.with_name(path.name + ".lock")
         self._db: aiosqlite.Connection | None = None
-        self._queue: asyncio.Queue[tuple[str, dict[str, Any]] | asyncio.Future[None]] = (
-            asyncio.Queue()
-        )
+        self._lock_fd: int | None = None
+        self._file_id: tuple[int, int] | None = None
+        # The in-memory copy of every row (COLUMNS only) and the rows not yet written.
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()  # something to write, or a flush
+        self._kick = asyncio.Event()  # a flush: retry now even while backing off
+        self._waiters: list[asyncio.Future[bool]] = []
+        self._failures = 0  # failed attempts in the current burst
         self._writer: asyncio.Task[None] | None = None
 
     # ---- lifecycle ------------------------------------------------------------
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = await aiosqlite.connect(self.path)
-        self._db.row_factory = aiosqlite.Row
-        await self._db.execute("PRAGMA journal_mode=WAL")
-        await self._db.execute("PRAGMA busy_timeout=5000")
-        await self._db.execute("PRAGMA synchronous=NORMAL")
-        await self._migrate()
+        """Lock, check and migrate the state file.  Raises StateLocked when
+        another dynllm uses it, StateError when it cannot be used at all."""
+        self._lock()
+        try:
+            await self._open_db()
+            rows = await self.rows()
+        except BaseException:
+            await self._close_db()
+            self._unlock()
+            raise
+        self._rows = {name: {c: row[c] for c in COLUMNS} for name, row in rows.items()}
         self._writer = asyncio.create_task(self._write_loop(), name="dynllm-store-writer")
 
     async def close(self) -> None:
         if self._writer is not None:
-            await self.flush()
+            if not await self.flush():
+                log.error(
+                    "%d model state row(s) could not be written to %s before shutdown",
+                    len(self._dirty),
+                    self.path,
+                )
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
             self._writer = None
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        await self._close_db()
+        self._unlock()
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -127,45 +192,282 @@ class Store:
             raise RuntimeError("store is not open")
         return self._db
 
-    async def _migrate(self) -> None:
-        row = await (await self.db.execute("PRAGMA user_version")).fetchone()
-        version = int(row[0]) if row else 0
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await self.db.executescript(script)
-            await self.db.execute(f"PRAGMA user_version={number}")
-            log.info("state database %s migrated to schema %d", self.path, number)
-        await self.db.commit()
+    # ---- the lock: one dynllm per state file -------------------------------------
+    def _lock(self) -> None:
+        """Take ``<db>.lock`` (exclusive, non-blocking).  The descriptor is not
+        inherited by backends (Python opens it close-on-exec), so an orphaned
+        backend never keeps the lock of a dead dynllm."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(
+                f"cannot create the lock file {self.lock_path} for the state file "
+                f"{self.path}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = ""
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(os.pread(fd, 32, 0).decode().strip() or "x")
+                holder = f" (pid {pid})"
+            os.close(fd)
+            raise StateLocked(
+                f"the state file {self.path} is in use by another dynllm{holder}: "
+                f"{self.lock_path} is locked; stop that dynllm or give this one "
+                f"another db_path"
+            ) from exc
+        with contextlib.suppress(OSError):  # the holder's pid, for the message above
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        old, self._lock_fd = self._lock_fd, fd
+        if old is not None:
+            os.close(old)
 
-    # ---- writes (queued, one writer) -----------------------------------------
+    def _unlock(self) -> None:
+        # The lock file stays: unlinking it would let a second dynllm lock a new
+        # file while a third still waits on the old inode.
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _lock_is_current(self) -> bool:
+        if self._lock_fd is None:
+            return False
+        try:
+            st = os.stat(self.lock_path)
+        except OSError:
+            return False
+        held = os.fstat(self._lock_fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+    # ---- opening, checking, moving aside -------------------------------------------
+    async def _open_db(self) -> None:
+        try:
+            async with asyncio.timeout(OPEN_TIMEOUT):
+                try:
+                    self._db = await self._connect_checked()
+                except _Unusable as exc:
+                    aside = self._move_aside(str(exc))
+                    log.error(
+                        "state file %s is unusable (%s); moved it to %s and starting "
+                        "with a fresh one",
+                        self.path,
+                        exc,
+                        aside,
+                    )
+                    try:
+                        self._db = await self._connect_checked()
+                    except _Unusable as again:
+                        raise StateError(
+                            f"cannot create a fresh state file {self.path}: {again}"
+                        ) from again
+        except TimeoutError:
+            raise StateError(
+                f"opening the state file {self.path} took more than {OPEN_TIMEOUT:g} s "
+                "(a hung file system?)"
+            ) from None
+        st = os.stat(self.path)
+        self._file_id = (st.st_dev, st.st_ino)
+
+    async def _connect_checked(self) -> aiosqlite.Connection:
+        """Connect, check integrity and schema, migrate.  _Unusable for a file
+        that is not (or no longer) ours; StateError for a locked one.  Nothing
+        is written before the checks pass: a file moved aside is kept as found."""
+        db: aiosqlite.Connection | None = None
+        try:
+            db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT)
+            db.row_factory = aiosqlite.Row
+            await db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+            check = [r[0] for r in await (await db.execute("PRAGMA quick_check")).fetchall()]
+            if check != ["ok"]:
+                raise _Unusable(f"integrity check failed: {'; '.join(map(str, check[:3]))}")
+            version = await self._check_schema(db)
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await self._migrate(db, version)
+            return db
+        except BaseException as exc:
+            if db is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(db.close(), 1.0)
+            if isinstance(exc, sqlite3.Error):
+                code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+                if code in _TRANSIENT:
+                    raise StateError(
+                        f"cannot use the state file {self.path}: {exc} "
+                        "(is another program holding it?)"
+                    ) from exc
+                raise _Unusable(str(exc)) from exc
+            raise
+
+    async def _check_schema(self, db: aiosqlite.Connection) -> int:
+        """The file's schema version, or _Unusable when the file is not ours."""
+        row = await (await db.execute("PRAGMA user_version")).fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise _Unusable(
+                f"schema version {version} is newer than this dynllm knows ({len(MIGRATIONS)})"
+            )
+        cursor = await db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' "
+            "AND name NOT LIKE 'sqlite_%' ORDER BY name"
+        )
+        tables = [r[0] for r in await cursor.fetchall()]
+        if version == 0 and tables:
+            raise _Unusable(f"not a dynllm state file (tables: {', '.join(tables)})")
+        if version > 0:
+            cursor = await db.execute("PRAGMA table_info(models)")
+            have = {r[1] for r in await cursor.fetchall()}
+            missing = {"name", "updated_at", *COLUMNS} - have
+            if missing:  # (when a migration adds columns, compare with that version's set)
+                raise _Unusable(
+                    f"not a dynllm state file (models lacks {', '.join(sorted(missing))})"
+                )
+        return version
+
+    async def _migrate(self, db: aiosqlite.Connection, version: int) -> None:
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await db.executescript(script)
+            await db.execute(f"PRAGMA user_version={number}")
+            log.info("state database %s migrated to schema %d", self.path, number)
+        await db.commit()
+
+    def _move_aside(self, reason: str) -> Path:
+        """Rename the file (and its -wal/-shm) to ``<name>.corrupt-<UTC time>``.
+        A -wal left behind would be replayed into the fresh file, so it must go."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        try:
+            if not self.path.exists() and not self.path.is_symlink():
+                raise FileNotFoundError(self.path)
+            os.rename(self.path, aside)
+            for suffix in ("-wal", "-shm"):
+                side = Path(f"{self.path}{suffix}")
+                if side.exists():
+                    try:
+                        os.rename(side, f"{aside}{suffix}")
+                    except OSError:
+                        side.unlink()
+        except OSError as exc:
+            raise StateError(
+                f"the state file {self.path} is unusable ({reason}) and cannot be moved "
+                f"aside: {exc.strerror or exc}"
+            ) from exc
+        return aside
+
+    async def _close_db(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(db.close(), OPEN_TIMEOUT)
+
+    def _file_is_current(self) -> bool:
+        """False when the file was deleted or replaced under us: SQLite would
+        go on writing into the unlinked inode and every write would be lost."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._file_id
+
+    async def _reopen(self) -> None:
+        log.warning("state file %s is gone (deleted while running?); recreating it", self.path)
+        await self._close_db()
+        if not self._lock_is_current():
+            self._lock()
+        await self._open_db()
+        self._dirty.update(self._rows)  # a fresh file gets every row
+
+    # ---- writes (one writer) ---------------------------------------------------
     def record(self, name: str, **fields: Any) -> None:
         _check_columns(fields)
-        self._queue.put_nowait((name, fields))
+        self._rows.setdefault(name, {}).update(fields)
+        self._dirty.add(name)
+        self._wake.set()
 
-    async def flush(self) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(done)
-        await done
+    async def flush(self) -> bool:
+        """Wait for a write of everything recorded so far.  True when it is on
+        disk; False when the attempt failed (the rows are retried later)."""
+        if self._writer is None or self._writer.done():
+            return not self._dirty
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append(done)
+        self._kick.set()
+        self._wake.set()
+        return await done
 
     async def _write_loop(self) -> None:
+        delay = 0.0
         while True:
-            item = await self._queue.get()
-            batch = [item]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            waiters = [i for i in batch if isinstance(i, asyncio.Future)]
-            try:
-                for entry in batch:
-                    if not isinstance(entry, asyncio.Future):
-                        await self._apply(*entry)
-                await self.db.commit()
-            except Exception:  # the state file is a shadow: log, keep serving
-                log.exception("writing model state to %s failed", self.path)
+            if not self._failures:
+                await self._wake.wait()
+            else:  # back off: only a flush or the timer retries, not every record()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), delay)
+            self._wake.clear()
+            self._kick.clear()
+            waiters, self._waiters = self._waiters, []
+            ok = await self._write_dirty()
+            delay = 0.0 if ok else min(self.RETRY_MAX, max(self.RETRY_MIN, delay * 2))
             for waiter in waiters:
                 if not waiter.done():
-                    waiter.set_result(None)
+                    waiter.set_result(ok)
 
-    async def _apply(self, name: str, fields: dict[str, Any]) -> None:
-        await self.db.execute(*_upsert(name, fields, time.time()))
+    async def _write_dirty(self) -> bool:
+        """Write the dirty rows in one transaction; roll back on failure."""
+        if not self._dirty:
+            return True
+        names = set(self._dirty)
+        self._dirty.clear()
+        try:
+            if self._db is None or not self._file_is_current():
+                await self._reopen()
+                names |= self._dirty
+                self._dirty.clear()
+            now = time.time()
+            for name in sorted(names):
+                await self._apply(name, self._rows[name], now)
+            await self.db.commit()
+        except Exception as exc:  # the state file is a shadow: log, keep serving, retry
+            self._dirty |= names
+            await self._rollback()
+            self._failures += 1
+            if self._failures == 1:
+                log.error(
+                    "writing model state to %s failed: %s; retrying in the background "
+                    "(further failures are not logged until a write succeeds)",
+                    self.path,
+                    exc,
+                    exc_info=not isinstance(exc, (sqlite3.Error, OSError, StateError)),
+                )
+            else:
+                log.debug("writing model state to %s failed again: %s", self.path, exc)
+            return False
+        if self._failures:
+            log.warning(
+                "writing model state to %s works again after %d failed attempt(s)",
+                self.path,
+                self._failures,
+            )
+            self._failures = 0
+        return True
+
+    async def _rollback(self) -> None:
+        if self._db is None:
+            return
+        try:
+            await asyncio.wait_for(self._db.rollback(), OPEN_TIMEOUT)
+        except Exception:  # a connection that cannot roll back is reopened next time
+            await self._close_db()
+
+    async def _apply(self, name: str, fields: dict[str, Any], now: float) -> None:
+        await self.db.execute(*_upsert(name, fields, now))
 
     # ---- reads ------------------------------------------------------------------
     async def rows(self) -> dict[str, dict[str, Any]]:
@@ -182,20 +484,19 @@ class Store:
             if row["pid"] and self._is_ours(row["pid"], row["proc_started_at"])
         ]
         await asyncio.gather(*(self._stop_orphan(o, grace) for o in orphans))
-        now = time.time()
         for name, row in rows.items():
             note = row["last_error"]
             if any(o.name == name for o in orphans):
                 note = "orphaned backend from a previous run was stopped at startup"
             elif row["status"] not in ("unloaded", None):
                 note = f"was {row['status']} when dynllm stopped; reset at startup"
-            reset = {"status": "unloaded", "pid": None, "proc_started_at": None,
-                     "pgid": None, "port": None, "last_error": note}  # fmt: skip
-            await self.db.execute(*_upsert(name, reset, now))
+            self.record(name, status="unloaded", pid=None, proc_started_at=None,
+                        pgid=None, port=None, last_error=note)  # fmt: skip
         for name in known:
             if name not in rows:
-                await self.db.execute(*_upsert(name, {}, now))
-        await self.db.commit()
+                self.record(name)
+        if not await self.flush():
+            log.error("the reconciled state could not be written to %s yet", self.path)
         return orphans
 
     def _is_ours(self, pid: int, started_at: float | None) -> bool:
