@@ -268,7 +268,8 @@ def test_example_config_shows_the_usual_kinds_of_model() -> None:
 
 def test_top_level_defaults(tmp_path: Path) -> None:
     config = parse_config({}, base_dir=tmp_path)
-    assert config.server.host == "0.0.0.0"
+    assert config.server.host == "127.0.0.1"  # this machine only unless asked
+    assert config.api_keys == [] and config.admin_api_keys == []
     assert config.server.port == 8000
     assert config.total_vram_mb == 8192
     assert config.idle_timeout_seconds == 300

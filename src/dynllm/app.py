@@ -25,10 +25,11 @@ from starlette.types import Receive, Scope, Send
 
 from dynllm import __version__
 from dynllm.api import admin, kserve, openai, routes
-from dynllm.api.dispatch import dispatch
+from dynllm.api.access import Access, is_loopback
+from dynllm.api.dispatch import dispatch, send_error
 from dynllm.backends import Upstream, missing_binary, upstream_table
 from dynllm.config import Config
-from dynllm.errors import DynllmError, error_body, invalid_request
+from dynllm.errors import DynllmError, Shape, error_body, invalid_request
 from dynllm.launcher import ProcessEffects
 from dynllm.proxy import make_client
 from dynllm.registry import ApiFamily, Registry
@@ -63,13 +64,19 @@ class Front:
     (the hot path skips FastAPI's middleware and router), everything else,
     lifespan included, to FastAPI."""
 
-    def __init__(self, api: FastAPI) -> None:
+    def __init__(self, api: FastAPI, access: Access) -> None:
         self.api = api
         self.state = api.state
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
+            refused = self.access.check(scope)
+            if refused is not None:
+                shape = Shape.KSERVE if path.startswith("/v2") else Shape.OPENAI
+                await send_error(send, refused, shape)
+                return
             route = routes.BY_PATH.get(path)  # the OpenAI routes: one dict lookup
             if route is not None:
                 await dispatch(self.state.services, route, None, scope, receive, send)
@@ -91,6 +98,15 @@ def create_app(config: Config) -> Front:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         marker = instance_marker(config)
+        if not is_loopback(config.server.host) and not config.admin_api_keys:
+            log.warning(
+                "listening on %s, beyond this machine, %s; admin routes answer only "
+                "local clients until admin_api_keys is set",
+                config.server.host,
+                "with API keys"
+                if config.api_keys
+                else "WITHOUT API KEYS: anyone who can reach it may use every model (set api_keys)",
+            )
         for model in config.models:
             if (problem := missing_binary(config, model)) is not None:
                 log.warning("%s", problem)
@@ -148,7 +164,7 @@ def create_app(config: Config) -> Front:
     openai.install(app)
     kserve.install(app)
     admin.install(app)
-    return Front(app)
+    return Front(app, Access(config))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -26,6 +26,8 @@ class EnvSettings(BaseSettings):
     host: str | None = None
     port: int | None = None
     log_level: LogLevel | None = None
+    api_keys: str | None = None  # comma-separated, added to the config's
+    admin_api_keys: str | None = None
 
 
 def _env_settings() -> EnvSettings:
@@ -54,6 +56,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="validate PATH, print each model's command line, exit")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"dynllm {__version__}")
     return parser.parse_args(argv)
+
+
+def _split_keys(text: str | None) -> list[str]:
+    return [key.strip() for key in (text or "").split(",") if key.strip()]
+
+
+def effective_config(config: Config, args: argparse.Namespace, env: EnvSettings) -> Config:
+    """The config with what the command line and environment add or override:
+    the listen address (so startup checks see the real one) and API keys."""
+    server = config.server.model_copy(
+        update={
+            "host": args.host or config.server.host,
+            "port": config.server.port if args.port is None else args.port,
+        }
+    )
+    return config.model_copy(
+        update={
+            "server": server,
+            "api_keys": [*config.api_keys, *_split_keys(env.api_keys)],
+            "admin_api_keys": [*config.admin_api_keys, *_split_keys(env.admin_api_keys)],
+        }
+    )
 
 
 def _load_or_exit(path: Path) -> Config:
@@ -89,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.check_config is not None:
         return check_config(args.check_config)
-    config = _load_or_exit(args.config)
+    config = effective_config(_load_or_exit(args.config), args, _env_settings())
     level = (args.log_level or config.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":  # one line per upstream request / job run is noise
@@ -105,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
     uvicorn.run(
         create_app(config),
-        host=args.host or config.server.host,
-        port=config.server.port if args.port is None else args.port,
+        host=config.server.host,
+        port=config.server.port,
         log_level=level.lower(),
         timeout_graceful_shutdown=int(config.stop_timeout_seconds) + 5,
         access_log=level == "DEBUG",

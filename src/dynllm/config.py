@@ -76,7 +76,7 @@ class _Strict(BaseModel):
 
 
 class ServerConfig(_Strict):
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # this machine only unless the config says otherwise
     port: int = Field(8000, ge=1, le=65535)
 
 
@@ -251,6 +251,8 @@ class Config(_Strict):
     queue_timeout_seconds: PositiveFloat = 120
     upstream_read_timeout_seconds: PositiveFloat | None = None
     max_upload_mb: Annotated[float, Field(gt=0)] = 256
+    api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    admin_api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 
     # Where relative paths are resolved from (the config file's folder).
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)

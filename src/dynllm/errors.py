@@ -6,6 +6,8 @@
     │   ├── InvalidMultipart         400     invalid_request_error    invalid_multipart
     │   ├── WrongModelType           400     invalid_request_error    model_type_mismatch
     │   └── ModelTooLarge            400     invalid_request_error    model_too_large
+    ├── Unauthorized                 401     authentication_error     invalid_api_key (+challenge)
+    ├── Forbidden                    403     permission_error         forbidden
     ├── ModelNotFound                404     invalid_request_error    model_not_found
     ├── MethodNotAllowed             405     invalid_request_error    method_not_allowed (+Allow)
     ├── ModelBusy                    409     conflict_error           model_busy
@@ -105,6 +107,21 @@ class WrongModelType(BadRequest):
 
 class ModelTooLarge(BadRequest):
     code = "model_too_large"
+
+
+class Unauthorized(DynllmError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="dynllm"'}
+
+
+class Forbidden(DynllmError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
 
 
 class ModelNotFound(DynllmError):

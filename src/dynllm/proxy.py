@@ -50,9 +50,12 @@ HOP_BY_HOP = frozenset(
         b"content-length",
     }
 )
-_REQUEST_DROP_TYPED = HOP_BY_HOP | {b"content-type"}
-# The server adds its own Date; the backend's would make two.
-_RESPONSE_DROP = (HOP_BY_HOP - {b"content-length"}) | {b"date"}
+# The client's credentials are for dynllm, never for a backend.
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key", b"cookie"})
+_REQUEST_DROP = HOP_BY_HOP | _CREDENTIALS
+_REQUEST_DROP_TYPED = _REQUEST_DROP | {b"content-type"}
+# The server adds its own Date; a backend's cookie must not reach clients.
+_RESPONSE_DROP = (HOP_BY_HOP - {b"content-length"}) | {b"date", b"set-cookie"}
 # An error answer keeps the backend's headers (Retry-After, WWW-Authenticate,
 # request ids) but gets a new body, so not the ones describing the old one.
 _ERROR_DROP = _RESPONSE_DROP | {b"content-length", b"content-type", b"content-encoding"}
@@ -98,9 +101,11 @@ def request_headers(
 ) -> CIMultiDict[str]:
     """Client headers minus hop-by-hop ones, ready for aiohttp (decoded once);
     ``content_type`` replaces the client's."""
-    drop = _REQUEST_DROP_TYPED if content_type else HOP_BY_HOP
+    drop = _REQUEST_DROP_TYPED if content_type else _REQUEST_DROP
     headers: CIMultiDict[str] = CIMultiDict(
-        (k.decode("latin-1"), v.decode("latin-1")) for k, v in raw if k.lower() not in drop
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in raw
+        if (name := k.lower()) not in drop and not name.startswith(b"proxy-")
     )
     if content_type:
         headers["content-type"] = content_type

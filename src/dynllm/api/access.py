@@ -1,0 +1,109 @@
+"""Who may call what: API keys, admin keys, and admin routes kept to loopback.
+
+Every HTTP request passes ``Access.check`` in the front, before any handler.
+Routes fall in three classes, decided by path alone:
+
+    public     /health, /v2/health/live, /v2/health/ready   never need a key
+    admin      /admin/...                                    an admin key; with none
+                                                             configured, loopback clients only
+    inference  everything else (the /v1 and /v2 APIs,        a key when any key is configured
+               /docs, /openapi.json)
+
+A key travels as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.  Keys
+are compared in constant time against every configured key, and never
+appear in a log line or an error body.  The client's key is never forwarded
+to a backend (see ``proxy.request_headers``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from enum import Enum
+
+from starlette.types import Scope
+
+from dynllm.config import Config
+from dynllm.errors import DynllmError, Forbidden, Unauthorized
+
+PUBLIC_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
+ADMIN_PREFIX = "/admin"
+REMOTE_ADMIN_HINT = (
+    "Admin routes answer only clients on this machine while no admin key is set; "
+    "set admin_api_keys in the config (or DYNLLM_ADMIN_API_KEYS) to manage dynllm remotely"
+)
+
+
+class RouteClass(Enum):
+    PUBLIC = "public"
+    ADMIN = "admin"
+    INFERENCE = "inference"
+
+
+def classify(path: str) -> RouteClass:
+    if path in PUBLIC_PATHS:
+        return RouteClass.PUBLIC
+    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+        return RouteClass.ADMIN
+    return RouteClass.INFERENCE
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def presented_key(scope: Scope) -> bytes | None:
+    """The key a request carries, from ``Authorization: Bearer`` or ``x-api-key``."""
+    for name, value in scope["headers"]:
+        name = name.lower()
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return bytes(token.strip())
+        elif name == b"x-api-key" and value.strip():
+            return bytes(value.strip())
+    return None
+
+
+def _matches(key: bytes, keys: tuple[bytes, ...]) -> bool:
+    # Every key is compared (no early exit), each in constant time.
+    found = False
+    for candidate in keys:
+        found |= hmac.compare_digest(key, candidate)
+    return found
+
+
+class Access:
+    def __init__(self, config: Config) -> None:
+        self.admin_keys = tuple(k.encode() for k in config.admin_api_keys)
+        self.keys = tuple(k.encode() for k in config.api_keys) + self.admin_keys
+        self.enabled = bool(self.keys)
+
+    def check(self, scope: Scope) -> DynllmError | None:
+        """None if the request may go on, else the error to answer with."""
+        kind = classify(scope["path"])
+        if kind is RouteClass.PUBLIC or (kind is RouteClass.INFERENCE and not self.enabled):
+            return None
+        if self.enabled:
+            key = presented_key(scope)
+            if key is None:
+                return Unauthorized(
+                    "This dynllm needs an API key: send 'Authorization: Bearer KEY' "
+                    "or 'x-api-key: KEY'"
+                )
+            if not _matches(key, self.keys):
+                return Unauthorized("The API key is not valid")
+            if kind is RouteClass.INFERENCE:
+                return None
+            if self.admin_keys:
+                if _matches(key, self.admin_keys):
+                    return None
+                return Forbidden("This route needs an admin key (admin_api_keys)")
+        # An admin route and no admin key configured: this machine only.
+        client = scope.get("client")
+        if client is not None and is_loopback(str(client[0])):
+            return None
+        return Forbidden(REMOTE_ADMIN_HINT)
