@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from dynllm import __version__
+from dynllm.app import instance_marker
 from dynllm.config import load_config
+from tests.conftest import ConfigFactory, backends_with_marker, poll
+from tests.support.net import http_ok
 from tests.test_config import (
     DYNLLM_README_CONFIG,
     EXAMPLE_CONFIG,
@@ -286,3 +293,36 @@ def test_check_config_names_a_missing_backend_program(tmp_path: Path) -> None:
         "WARNING: the llamacpp backend program '/opt/none/llama-server' of model 'chat' was "
         "not found or is not executable: install llama.cpp's llama-server"
     ) in result.stdout
+
+
+def test_sigterm_during_a_long_preload_stops_dynllm_promptly(
+    make_config: ConfigFactory, dynllm_process: Any
+) -> None:
+    """uvicorn acts on SIGTERM only after startup; a preload waiting on a
+    60 s load must not hold the service (and its backend) that long."""
+    path, config = make_config.write_and_load(
+        [{"name": "slow", "extra_args": ["--fake-load-seconds", "60"]}],
+        preload_models=["slow"],
+    )
+    proc = dynllm_process(path)
+    marker = {instance_marker(config)}
+    poll(lambda: backends_with_marker(marker) or proc.poll() is not None, timeout=30)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=config.stop_timeout_seconds + 5)
+    print(f"stopped {time.monotonic() - started:.2f} s after SIGTERM during a preload")
+    poll(lambda: not backends_with_marker(marker), timeout=3)
+
+
+def test_sighup_does_not_stop_dynllm(make_config: ConfigFactory, dynllm_process: Any) -> None:
+    path, config = make_config.write_and_load([{"name": "m"}])
+    proc = dynllm_process(path)
+    with httpx.Client(base_url=f"http://127.0.0.1:{config.server.port}", trust_env=False) as http:
+        poll(lambda: http_ok(http) or proc.poll() is not None, timeout=30)
+        proc.send_signal(signal.SIGHUP)
+        assert (
+            http.post("/v1/chat/completions", json={"model": "m", "messages": []}).status_code
+            == 200
+        )
+        assert proc.poll() is None and http_ok(http)

@@ -7,10 +7,12 @@ start the idle job, load ``preload_models``, then accept traffic.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -94,7 +96,39 @@ class Front:
         await self.api(scope, receive, send)
 
 
-def create_app(config: Config) -> Front:
+PRELOAD_STOP_POLL_SECONDS = 0.2
+
+
+async def _preload(services: Services, stopping: Callable[[], bool]) -> None:
+    """Load ``preload_models`` before traffic is accepted, giving up at once
+    when the server is asked to stop meanwhile (a SIGTERM during a long load:
+    the server only acts on it after startup)."""
+
+    async def preload_all() -> None:
+        for name in services.config.preload_models:
+            spec = services.registry.get(name)
+            log.info("preloading '%s'", spec.name)
+            try:
+                (await services.scheduler.acquire(spec)).release()
+            except DynllmError as exc:
+                log.error("preloading '%s' failed: %s", spec.name, exc.message)
+
+    task = asyncio.create_task(preload_all(), name="preload")
+    while not task.done():
+        await asyncio.wait({task}, timeout=PRELOAD_STOP_POLL_SECONDS)
+        if not task.done() and stopping():
+            log.warning("asked to stop during preloading; giving up on it")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return
+    task.result()
+
+
+def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> Front:
+    """``stopping`` tells whether the server was asked to stop (checked while
+    preloading, before the server itself looks)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         marker = instance_marker(config)
@@ -138,13 +172,7 @@ def create_app(config: Config) -> Front:
         )
         jobs.start()
         try:
-            for name in config.preload_models:
-                spec = app.state.services.registry.get(name)
-                log.info("preloading '%s'", spec.name)
-                try:
-                    (await scheduler.acquire(spec)).release()
-                except DynllmError as exc:
-                    log.error("preloading '%s' failed: %s", spec.name, exc.message)
+            await _preload(app.state.services, stopping)
             yield
         finally:
             jobs.shutdown(wait=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -127,16 +128,27 @@ def main(argv: list[str] | None = None) -> int:
 
     from dynllm.app import create_app
 
-    uvicorn.run(
-        create_app(config),
-        host=config.server.host,
-        port=config.server.port,
-        log_level=level.lower(),
-        timeout_graceful_shutdown=int(config.stop_timeout_seconds) + 5,
-        access_log=level == "DEBUG",
-        server_header=False,  # the backend's own Server header passes through
-        proxy_headers=False,  # nothing reads the client address; saves a middleware per request
+    server: uvicorn.Server | None = None
+    app = create_app(config, stopping=lambda: server is not None and server.should_exit)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            log_level=level.lower(),
+            timeout_graceful_shutdown=int(config.stop_timeout_seconds) + 5,
+            access_log=level == "DEBUG",
+            server_header=False,  # the backend's own Server header passes through
+            proxy_headers=False,  # nothing reads the client address; saves a middleware
+        )
     )
+    # A terminal hang-up (or a habit from other daemons) must not stop the
+    # service and its models; reloading on SIGHUP is not implemented yet.
+    signal.signal(
+        signal.SIGHUP,
+        lambda *_: logging.getLogger("dynllm").warning("SIGHUP ignored (no reload yet)"),
+    )
+    server.run()
     return 0
 
 
