@@ -25,7 +25,7 @@ from dynllm import __version__
 from dynllm.app import instance_marker
 from dynllm.config import load_config
 from tests.conftest import ConfigFactory, backends_with_marker, poll
-from tests.support.net import http_ok
+from tests.support.net import free_port, http_ok
 from tests.test_config import (
     DYNLLM_README_CONFIG,
     EXAMPLE_CONFIG,
@@ -326,3 +326,18 @@ def test_sighup_does_not_stop_dynllm(make_config: ConfigFactory, dynllm_process:
             == 200
         )
         assert proc.poll() is None and http_ok(http)
+
+
+def test_a_second_dynllm_on_the_same_state_file_refuses_to_start(
+    make_config: ConfigFactory, dynllm_process: Any
+) -> None:
+    path, config = make_config.write_and_load([{"name": "m"}])
+    first = dynllm_process(path)
+    with httpx.Client(base_url=f"http://127.0.0.1:{config.server.port}", trust_env=False) as http:
+        poll(lambda: http_ok(http) or first.poll() is not None, timeout=30)
+    second = run_cli(path.parent, "--config", str(path), "--port", str(free_port()))
+    assert second.returncode == 1, second.stderr
+    assert second.stderr.startswith(
+        f"dynllm: the state file {config.db_file} is in use by another dynllm (pid {first.pid})"
+    )
+    assert first.poll() is None  # the first one is untouched

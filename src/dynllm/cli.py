@@ -17,6 +17,7 @@ from dynllm.backends import adapter_for, command_line, missing_binary
 from dynllm.config import LOG_LEVELS, Config, ConfigError, LogLevel, load_config
 
 EXIT_CONFIG = 2
+EXIT_STARTUP = 1  # e.g. the state file is held by another dynllm
 
 
 class EnvSettings(BaseSettings):
@@ -127,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from dynllm.app import create_app
+    from dynllm.store import StateError, Store
+
+    try:  # a clear refusal here; the lifespan's open() still guards against a race
+        Store(config.db_file, "").ensure_free()
+    except StateError as exc:
+        print(f"dynllm: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
 
     server: uvicorn.Server | None = None
     app = create_app(config, stopping=lambda: server is not None and server.should_exit)
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda *_: logging.getLogger("dynllm").warning("SIGHUP ignored (no reload yet)"),
     )
     server.run()
-    return 0
+    return 0 if server.started else EXIT_STARTUP
 
 
 if __name__ == "__main__":

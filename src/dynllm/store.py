@@ -225,6 +225,12 @@ class Store:
         if old is not None:
             os.close(old)
 
+    def ensure_free(self) -> None:
+        """StateLocked if another dynllm holds this state file: the lock is
+        taken and given back at once (``open`` takes it for good)."""
+        self._lock()
+        self._unlock()
+
     def _unlock(self) -> None:
         # The lock file stays: unlinking it would let a second dynllm lock a new
         # file while a third still waits on the old inode.
