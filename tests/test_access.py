@@ -119,7 +119,7 @@ async def test_every_route_with_no_key_a_bad_key_an_inference_key_and_an_admin_k
 
 def _scope(path: str, client: str = "127.0.0.1", **headers: str) -> dict[str, Any]:
     raw = [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
-    return {"type": "http", "path": path, "headers": raw, "client": (client, 5555)}
+    return {"type": "http", "method": "GET", "path": path, "headers": raw, "client": (client, 5555)}
 
 
 def test_without_admin_keys_admin_routes_answer_only_this_machine() -> None:
@@ -175,3 +175,41 @@ async def test_health_stays_open_with_keys(make_config: ConfigFactory) -> None:
             assert docs.status_code == 401 and docs.json()["error"]["code"] == "invalid_api_key"
             kserve = await other.get("/v2/models/m/ready")
             assert kserve.status_code == 401 and "error" in kserve.json()
+
+
+async def test_foreign_host_is_refused_while_on_loopback(make_config: ConfigFactory) -> None:
+    config = make_config([{"name": "m"}], allowed_hosts=["dynllm.lan"])
+    async with serve(config) as app:
+        for host, status in [("evil.example", 421), ("evil.example:8000", 421),
+                             ("localhost:1234", 200), ("127.0.0.1", 200), ("[::1]:80", 200),
+                             ("dynllm.lan", 200), ("app.localhost", 200)]:  # fmt: skip
+            response = await app.client.get("/v1/models", headers={"Host": host})
+            assert response.status_code == status, host
+        refused = await app.client.post(
+            "/v1/chat/completions",
+            json={"model": "m", "messages": []},
+            headers={"Host": "evil.example"},
+        )
+        assert refused.status_code == 421
+        assert refused.json()["error"]["code"] == "host_not_allowed"
+        assert await app.spawned_pids() == []  # nothing was loaded
+
+
+def test_a_public_bind_does_not_check_host() -> None:
+    access = Access(parse_config({"server": {"host": "0.0.0.0"}}))
+    assert access.check(_scope("/v1/models", host="anything.example")) is None
+
+
+async def test_a_cross_origin_simple_request_changes_nothing(make_config: ConfigFactory) -> None:
+    """text/plain POSTs need no CORS preflight, so a web page can send them."""
+    async with serve(make_config([{"name": "m"}])) as app:
+        plain = {"content-type": "text/plain", "origin": "http://evil.example"}
+        chat = await app.client.post(
+            "/v1/chat/completions", content=b'{"model": "m", "messages": []}', headers=plain
+        )
+        assert chat.status_code == 415
+        assert chat.json()["error"]["code"] == "unsupported_media_type"
+        load = await app.client.post("/admin/models/load", content=b'{"model": "m"}', headers=plain)
+        assert load.status_code == 415
+        assert await app.spawned_pids() == []
+        assert "access-control-allow-origin" not in chat.headers

@@ -28,9 +28,11 @@ async def test_admin_view_load_unload_and_logs(make_config: ConfigFactory) -> No
         assert admin["A"]["status"] == "unloaded" and admin["A"]["pinned"] is True
         assert admin["A"]["unload_after_seconds"] is None
 
-        r = await app.client.post(
-            "/admin/models/load", content=b'{"model": "A"}'
-        )  # no content-type
+        r = await app.client.post("/admin/models/load", content=b'{"model": "A"}')
+        assert r.status_code == 415  # no JSON content type: a cross-origin simple request
+        assert r.json()["error"]["code"] == "unsupported_media_type"
+        assert (await app.admin_models())["A"]["status"] == "unloaded"
+        r = await app.client.post("/admin/models/load", json={"model": "A"})
         assert r.status_code == 200 and r.json()["status"] == "loaded"
         admin = await app.admin_models()
         for key in ("port", "pid", "loaded_at", "last_used"):
@@ -58,7 +60,9 @@ async def test_admin_unload_busy_model_needs_force(make_config: ConfigFactory) -
             await lines.__anext__()
             r = await app.client.post("/admin/models/unload", json={"model": "A"})
             assert r.status_code == 409 and r.json()["error"]["code"] == "model_busy"
-            r = await app.client.post("/admin/models/unload-all")
+            r = await app.client.post(
+                "/admin/models/unload-all", headers={"content-type": "application/json"}
+            )
             assert r.json() == {"unloaded": [], "busy": ["A"]}
             r = await app.client.post("/admin/models/unload-all", json={"force": "yes"})
             assert r.status_code == 400
@@ -73,7 +77,9 @@ async def test_admin_bad_bodies(make_config: ConfigFactory) -> None:
     async with serve(config) as app:
         for body, status in [(b"nope", 400), (b"{}", 400), (b'{"model": "A", "x": 1}', 400),
                              (b'{"model": "zzz"}', 404)]:  # fmt: skip
-            r = await app.client.post("/admin/models/unload", content=body)
+            r = await app.client.post(
+                "/admin/models/unload", content=body, headers={"content-type": "application/json"}
+            )
             assert r.status_code == status, body
             assert set(r.json()["error"]) == {"message", "type", "code"}
 

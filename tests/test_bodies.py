@@ -9,7 +9,13 @@ from typing import Any
 import pytest
 
 from dynllm.api import bodies
-from dynllm.errors import BadRequest, InvalidJSON, InvalidMultipart, PayloadTooLarge
+from dynllm.errors import (
+    BadRequest,
+    InvalidJSON,
+    InvalidMultipart,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 BOUNDARY = "----dynllmtestboundary"
 CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}".encode()
@@ -86,12 +92,15 @@ def test_missing_or_empty_model_is_a_400() -> None:
         spool.close()
 
 
-@pytest.mark.parametrize(
-    "content_type", [b"application/json", b"multipart/form-data", None, b"text/plain; boundary=x"]
-)
-def test_not_multipart_is_a_400(content_type: bytes | None) -> None:
-    with pytest.raises(InvalidMultipart, match="multipart/form-data"):
+@pytest.mark.parametrize("content_type", [b"application/json", None, b"text/plain; boundary=x"])
+def test_not_multipart_is_a_415(content_type: bytes | None) -> None:
+    with pytest.raises(UnsupportedMediaType, match="multipart/form-data"):
         bodies.ModelField(content_type)
+
+
+def test_multipart_without_a_boundary_is_a_400() -> None:
+    with pytest.raises(InvalidMultipart, match="boundary"):
+        bodies.ModelField(b"multipart/form-data")
 
 
 def test_malformed_multipart_is_a_400() -> None:

@@ -251,6 +251,8 @@ class Config(_Strict):
     queue_timeout_seconds: PositiveFloat = 120
     upstream_read_timeout_seconds: PositiveFloat | None = None
     max_upload_mb: Annotated[float, Field(gt=0)] = 256
+    allowed_hosts: list[str] = Field(default_factory=list)
+    """Host names accepted besides loopback ones while bound to loopback."""
     api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     admin_api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
 

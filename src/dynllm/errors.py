@@ -12,6 +12,8 @@
     ├── MethodNotAllowed             405     invalid_request_error    method_not_allowed (+Allow)
     ├── ModelBusy                    409     conflict_error           model_busy
     ├── PayloadTooLarge              413     invalid_request_error    payload_too_large
+    ├── UnsupportedMediaType         415     invalid_request_error    unsupported_media_type
+    ├── MisdirectedRequest           421     invalid_request_error    host_not_allowed
     ├── BackendError                 502     backend_error            ...
     │   ├── BackendStartFailed       502     backend_error            backend_start_failed
     │   ├── BackendExited            502     backend_error            backend_exited
@@ -147,6 +149,18 @@ class PayloadTooLarge(DynllmError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class UnsupportedMediaType(DynllmError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class MisdirectedRequest(DynllmError):
+    status = 421
+    type = "invalid_request_error"
+    code = "host_not_allowed"
 
 
 class ModelBusy(DynllmError):

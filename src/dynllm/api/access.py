@@ -9,6 +9,13 @@ Routes fall in three classes, decided by path alone:
     inference  everything else (the /v1 and /v2 APIs,        a key when any key is configured
                /docs, /openapi.json)
 
+Before keys, two browser defences: while dynllm listens on loopback only, a
+request whose ``Host`` is not a loopback name or address (nor in
+``allowed_hosts``) gets 421, so a web page cannot reach it by DNS rebinding;
+and an admin POST must carry a JSON content type (415), so a cross-origin
+"simple" request (``text/plain``, no preflight) cannot change anything.  The
+model routes check their own content types (``api.dispatch``).
+
 A key travels as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.  Keys
 are compared in constant time against every configured key, and never
 appear in a log line or an error body.  The client's key is never forwarded
@@ -24,7 +31,13 @@ from enum import Enum
 from starlette.types import Scope
 
 from dynllm.config import Config
-from dynllm.errors import DynllmError, Forbidden, Unauthorized
+from dynllm.errors import (
+    DynllmError,
+    Forbidden,
+    MisdirectedRequest,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 
 PUBLIC_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
 ADMIN_PREFIX = "/admin"
@@ -52,7 +65,7 @@ def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
     except ValueError:
-        return host == "localhost"
+        return host == "localhost" or host.endswith(".localhost")
 
 
 def presented_key(scope: Scope) -> bytes | None:
@@ -65,6 +78,31 @@ def presented_key(scope: Scope) -> bytes | None:
                 return bytes(token.strip())
         elif name == b"x-api-key" and value.strip():
             return bytes(value.strip())
+    return None
+
+
+def host_name(scope: Scope) -> str | None:
+    """The request's Host without its port (IPv6 brackets removed), lower case."""
+    for name, value in scope["headers"]:
+        if name.lower() == b"host":
+            host = str(value.decode("latin-1")).strip().lower()
+            if host.startswith("["):
+                return host[1:].split("]", 1)[0]
+            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return None
+
+
+def is_json(content_type: bytes | None) -> bool:
+    kind = (content_type or b"").split(b";", 1)[0].strip().lower()
+    return kind == b"application/json" or (
+        kind.startswith(b"application/") and kind.endswith(b"+json")
+    )
+
+
+def header(scope: Scope, wanted: bytes) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name.lower() == wanted:
+            return bytes(value)
     return None
 
 
@@ -81,10 +119,25 @@ class Access:
         self.admin_keys = tuple(k.encode() for k in config.admin_api_keys)
         self.keys = tuple(k.encode() for k in config.api_keys) + self.admin_keys
         self.enabled = bool(self.keys)
+        self.check_host = is_loopback(config.server.host)
+        self.allowed_hosts = frozenset(h.lower() for h in config.allowed_hosts)
 
     def check(self, scope: Scope) -> DynllmError | None:
         """None if the request may go on, else the error to answer with."""
+        if self.check_host:
+            host = host_name(scope)
+            if host is not None and not (is_loopback(host) or host in self.allowed_hosts):
+                return MisdirectedRequest(
+                    f"dynllm listens on this machine only and does not answer for the host "
+                    f"'{host}'; add it to allowed_hosts if it is meant to"
+                )
         kind = classify(scope["path"])
+        if (
+            kind is RouteClass.ADMIN
+            and scope["method"] == "POST"
+            and not is_json(header(scope, b"content-type"))
+        ):
+            return UnsupportedMediaType("Admin requests need 'Content-Type: application/json'")
         if kind is RouteClass.PUBLIC or (kind is RouteClass.INFERENCE and not self.enabled):
             return None
         if self.enabled:

@@ -22,7 +22,13 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.types import Receive, Scope
 
-from dynllm.errors import BadRequest, InvalidJSON, InvalidMultipart, PayloadTooLarge
+from dynllm.errors import (
+    BadRequest,
+    InvalidJSON,
+    InvalidMultipart,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 
 SPOOL_MEMORY_BYTES = 1 << 20
 READ_CHUNK_BYTES = 256 << 10
@@ -160,7 +166,11 @@ class ModelField:
     def __init__(self, content_type: bytes | None) -> None:
         kind, params = parse_options_header(content_type or b"")
         boundary = params.get(b"boundary")
-        if kind != b"multipart/form-data" or not boundary:
+        if kind != b"multipart/form-data":
+            raise UnsupportedMediaType(
+                "This route takes a multipart/form-data body, like the OpenAI audio API"
+            )
+        if not boundary:
             raise InvalidMultipart(
                 "This route takes a multipart/form-data body (with a boundary in its "
                 "Content-Type), like the OpenAI audio API"

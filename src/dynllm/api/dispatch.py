@@ -29,11 +29,18 @@ import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from dynllm.api import bodies
+from dynllm.api.access import is_json
 from dynllm.api.routes import Body, KServePath, ModelAt, Route
 from dynllm.backends import Upstream
 from dynllm.backends.base import rewrite_json_model
 from dynllm.config import ModelConfig
-from dynllm.errors import DynllmError, MethodNotAllowed, Shape, WrongModelType
+from dynllm.errors import (
+    DynllmError,
+    MethodNotAllowed,
+    Shape,
+    UnsupportedMediaType,
+    WrongModelType,
+)
 from dynllm.proxy import Finish, forward
 
 if TYPE_CHECKING:
@@ -130,6 +137,12 @@ async def read_request(
 ) -> Incoming:
     """Read the body the way the route says and find the model it names."""
     if route.body is Body.JSON:
+        if not is_json(bodies.header(scope, b"content-type")):
+            # Also what keeps a cross-origin "simple" request (text/plain, no
+            # preflight) from loading models.
+            raise UnsupportedMediaType(
+                f"{route.path} takes a JSON body: send 'Content-Type: application/json'"
+            )
         body = await bodies.read_body(receive)
         data = bodies.parse_json_object(body)
         return Incoming(bodies.requested_model(data), body, data=data)
