@@ -159,3 +159,14 @@ def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
 def test_deep_json_is_a_400_not_a_crash() -> None:
     with pytest.raises(InvalidJSON, match="nested too deeply"):
         bodies.parse_json_object(b"[" * 200_000)
+
+
+def test_a_number_with_too_many_digits_is_a_400_without_library_words() -> None:
+    with pytest.raises(InvalidJSON) as info:
+        bodies.parse_json_object(b'{"model": "m", "x": ' + b"1" * 5000 + b"}")
+    assert info.value.message == "The request body holds a number with too many digits"
+
+
+def test_a_lone_surrogate_parses() -> None:
+    data = bodies.parse_json_object(b'{"model": "\\ud800"}')
+    assert bodies.requested_model(data) == "\ud800"

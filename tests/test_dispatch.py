@@ -409,3 +409,20 @@ async def test_unknown_routes_answer_in_their_family_shape(make_config: ConfigFa
         assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
         infer = await app.client.get("/v2/models/m/infer")
         assert infer.status_code == 405 and "error" in infer.json()
+
+
+async def test_odd_json_never_gets_a_500(make_config: ConfigFactory) -> None:
+    async with serve(make_config([{"name": "m"}])) as app:
+        json_type = {"content-type": "application/json"}
+        for body, status in [
+            (b'{"model": "m", "x": ' + b"1" * 5000 + b"}", 400),
+            (b"[" * 100_000, 400),
+            (b'{"model": "\\ud800"}', 404),
+            (b'{"model": "m", "messages": [{"role": "user", "content": "\\udc00"}]}', 200),
+        ]:
+            for path in ("/v1/chat/completions", "/admin/models/unload"):
+                response = await app.client.post(path, content=body, headers=json_type)
+                if path.startswith("/admin") and status == 200:
+                    assert response.status_code == 400  # messages: not an admin field
+                    continue
+                assert response.status_code == status, (path, body[:40], response.text)

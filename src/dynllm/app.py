@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import httpx
@@ -195,10 +197,18 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
     return Front(app, Access(config))
 
 
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a message that quotes client input (a
+    model name with a lone surrogate) can always be encoded."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def dynllm_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DynllmError)
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+        return AsciiJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -212,7 +222,7 @@ def install_error_handlers(app: FastAPI) -> None:
             allow = (getattr(exc, "headers", None) or {}).get("Allow", "")
             message = f"Method {request.method} not allowed on {request.url.path}; use {allow}"
         kserve = request.url.path.startswith("/v2")
-        return JSONResponse(
+        return AsciiJSONResponse(
             {"error": message} if kserve else error_body(message, type_, code),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),

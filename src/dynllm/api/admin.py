@@ -68,7 +68,7 @@ async def admin_logs(request: Request, model: str, lines: int = 200) -> dict[str
 
 
 async def _model_request(request: Request) -> ModelRequest:
-    """``{"model", "force"}`` whatever the Content-Type (curl -d sends a form type)."""
+    """``{"model", "force"}`` (the JSON content type is checked in the front)."""
     data = parse_json_object(await request.body())
     try:
         return ModelRequest.model_validate(data)

@@ -76,6 +76,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise InvalidJSON(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidJSON("The request body is nested too deeply") from None
+    except ValueError:  # Python's cap on integer digits (4300 by default)
+        raise InvalidJSON("The request body holds a number with too many digits") from None
     if not isinstance(data, dict):
         raise InvalidJSON("The request body must be a JSON object")
     return data
