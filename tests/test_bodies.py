@@ -146,7 +146,7 @@ async def test_client_leaving_mid_body_is_noticed() -> None:
     with pytest.raises(bodies.ClientGone):
         await bodies.spool_body(receiver([b"abc"], disconnect=True), 100, bodies.Spool.new())
     with pytest.raises(bodies.ClientGone):
-        await bodies.read_body(receiver([b"{"], disconnect=True))
+        await bodies.read_body(receiver([b"{"], disconnect=True), 100)
 
 
 def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
@@ -170,3 +170,9 @@ def test_a_number_with_too_many_digits_is_a_400_without_library_words() -> None:
 def test_a_lone_surrogate_parses() -> None:
     data = bodies.parse_json_object(b'{"model": "\\ud800"}')
     assert bodies.requested_model(data) == "\ud800"
+
+
+async def test_a_chunked_json_body_is_counted_against_the_limit() -> None:
+    with pytest.raises(PayloadTooLarge, match="limit of"):
+        await bodies.read_body(receiver([b"{" * 600, b"}" * 600]), 1000)
+    assert await bodies.read_body(receiver([b"{}", b""]), 1000) == b"{}"

@@ -10,6 +10,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -426,3 +427,25 @@ async def test_odd_json_never_gets_a_500(make_config: ConfigFactory) -> None:
                     assert response.status_code == 400  # messages: not an admin field
                     continue
                 assert response.status_code == status, (path, body[:40], response.text)
+
+
+async def test_json_bodies_over_max_body_mb_get_413(make_config: ConfigFactory) -> None:
+    async with serve(make_config([{"name": "m"}], max_body_mb=1)) as app:
+        big = b'{"model": "m", "pad": "' + b"x" * (1 << 20) + b'"}'
+        declared = await app.client.post(
+            "/v1/chat/completions", content=big, headers={"content-type": "application/json"}
+        )
+        assert declared.status_code == 413
+        assert declared.json()["error"]["message"] == (
+            "The request body is larger than the limit of 1 MB"
+        )
+
+        async def chunked() -> AsyncIterator[bytes]:
+            for start in range(0, len(big), 64 << 10):
+                yield big[start : start + (64 << 10)]
+
+        streamed = await app.client.post(
+            "/v1/chat/completions", content=chunked(), headers={"content-type": "application/json"}
+        )
+        assert streamed.status_code == 413
+        assert await app.spawned_pids() == []

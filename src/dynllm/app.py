@@ -53,9 +53,13 @@ class Services:
     client: aiohttp.ClientSession
     started_at: float = field(default_factory=time.time)
     upstreams: dict[tuple[str, ApiFamily], Upstream] = field(init=False)
+    json_limit: int = field(init=False)
+    upload_limit: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.upstreams = upstream_table(self.config)
+        self.json_limit = int(self.config.max_body_mb * (1 << 20))
+        self.upload_limit = int(self.config.max_upload_mb * (1 << 20))
 
 
 def instance_marker(config: Config) -> str:

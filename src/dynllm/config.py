@@ -251,6 +251,7 @@ class Config(_Strict):
     queue_timeout_seconds: PositiveFloat = 120
     upstream_read_timeout_seconds: PositiveFloat | None = None
     max_upload_mb: Annotated[float, Field(gt=0)] = 256
+    max_body_mb: Annotated[float, Field(gt=0)] = 64
     allowed_hosts: list[str] = Field(default_factory=list)
     """Host names accepted besides loopback ones while bound to loopback."""
     api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)

@@ -57,14 +57,21 @@ def _too_large(limit: int) -> str:
     return f"The request body is larger than the limit of {limit / (1 << 20):g} MB"
 
 
-async def read_body(receive: Receive) -> bytes:
-    """The whole request body (JSON routes); ClientGone if the client left first."""
+async def read_body(receive: Receive, limit: int) -> bytes:
+    """The whole request body (JSON routes); PayloadTooLarge past ``limit``
+    bytes (a chunked body is counted as it comes), ClientGone if the client
+    left first."""
     parts: list[bytes] = []
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
-        parts.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(_too_large(limit))
+        parts.append(chunk)
         if not message.get("more_body", False):
             return parts[0] if len(parts) == 1 else b"".join(parts)
 

@@ -143,13 +143,15 @@ async def read_request(
             raise UnsupportedMediaType(
                 f"{route.path} takes a JSON body: send 'Content-Type: application/json'"
             )
-        body = await bodies.read_body(receive)
+        limit = services.json_limit
+        bodies.check_length(scope, limit)  # 413 before a byte is read
+        body = await bodies.read_body(receive, limit)
         data = bodies.parse_json_object(body)
         return Incoming(bodies.requested_model(data), body, data=data)
     label = kserve.name if kserve is not None else ""
     if route.body is Body.NONE:
         return Incoming(label, None, content_type=None)
-    limit = int(services.config.max_upload_mb * (1 << 20))
+    limit = services.upload_limit
     bodies.check_length(scope, limit)  # 413 before a byte is read
     field = None
     if route.model_at is ModelAt.FORM:
