@@ -341,3 +341,27 @@ def test_a_second_dynllm_on_the_same_state_file_refuses_to_start(
         f"dynllm: the state file {config.db_file} is in use by another dynllm (pid {first.pid})"
     )
     assert first.poll() is None  # the first one is untouched
+
+
+def test_dynllm_raises_its_open_file_limit_to_the_hard_limit(
+    make_config: ConfigFactory, dynllm_process: Any
+) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    path, config = make_config.write_and_load([{"name": "m"}])
+    lowered = min(soft, 256)
+
+    def start_low() -> Any:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+        try:
+            return dynllm_process(path)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    proc = start_low()
+    with httpx.Client(base_url=f"http://127.0.0.1:{config.server.port}", trust_env=False) as http:
+        poll(lambda: http_ok(http) or proc.poll() is not None, timeout=30)
+    limits = Path(f"/proc/{proc.pid}/limits").read_text()
+    line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+    assert line.split()[3:5] == [str(hard), str(hard)], line

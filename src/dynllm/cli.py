@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import shlex
 import signal
 import sys
@@ -58,6 +59,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="validate PATH, print each model's command line, exit")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"dynllm {__version__}")
     return parser.parse_args(argv)
+
+
+def raise_open_file_limit() -> None:
+    """Every client connection, backend connection and backend pipe is a file
+    descriptor; the usual soft limit (1024) is low for hundreds of streams."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger("dynllm").warning("cannot raise the open-file limit: %s", exc)
 
 
 def _split_keys(text: str | None) -> list[str]:
@@ -130,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from dynllm.app import create_app
     from dynllm.store import StateError, Store
 
+    raise_open_file_limit()
     try:  # a clear refusal here; the lifespan's open() still guards against a race
         Store(config.db_file, "").ensure_free()
     except StateError as exc:
