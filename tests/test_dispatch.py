@@ -222,45 +222,32 @@ async def test_client_leaving_before_the_first_byte(make_config: ConfigFactory) 
         await _in_flight_back_to_zero(app, "m", left)
 
 
+async def _leave_after_the_first_bytes(app: RunningApp, body: dict[str, Any]) -> None:
+    started = asyncio.Event()
+
+    async def read() -> None:
+        async with app.client.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            async for _ in response.aiter_raw():
+                started.set()
+
+    task = asyncio.create_task(read())
+    await asyncio.wait_for(started.wait(), timeout=10)
+    left = await _leave(task)
+    await _backend_saw_it_go(app, "m", left)
+    await _in_flight_back_to_zero(app, "m", left)
+
+
 async def test_client_leaving_during_a_plain_body(make_config: ConfigFactory) -> None:
     async with serve(config_for(make_config, [fake_model("m")])) as app:
-
-        async def read_headers_then_stall() -> None:
-            body = {"model": "m", "messages": [], "fake_tokens": 200, "fake_rate": 10}
-            async with app.client.stream("POST", "/v1/chat/completions", json=body) as response:
-                assert response.status_code == 200
-                async for _ in response.aiter_raw():
-                    started.set()
-
-        started = asyncio.Event()
-        task = asyncio.create_task(read_headers_then_stall())
-        await asyncio.wait_for(started.wait(), timeout=10)
-        left = await _leave(task)
-        await _backend_saw_it_go(app, "m", left)
-        await _in_flight_back_to_zero(app, "m", left)
+        body = {"model": "m", "messages": [], "fake_tokens": 200, "fake_rate": 10}
+        await _leave_after_the_first_bytes(app, body)
 
 
 async def test_client_leaving_during_a_stream(make_config: ConfigFactory) -> None:
     async with serve(config_for(make_config, [fake_model("m")])) as app:
-
-        async def stream() -> None:
-            body = {
-                "model": "m",
-                "messages": [],
-                "stream": True,
-                "fake_tokens": 200,
-                "fake_rate": 10,
-            }
-            async with app.client.stream("POST", "/v1/chat/completions", json=body) as response:
-                async for _ in response.aiter_lines():
-                    started.set()
-
-        started = asyncio.Event()
-        task = asyncio.create_task(stream())
-        await asyncio.wait_for(started.wait(), timeout=10)
-        left = await _leave(task)
-        await _backend_saw_it_go(app, "m", left)
-        await _in_flight_back_to_zero(app, "m", left)
+        body = {"model": "m", "messages": [], "stream": True, "fake_tokens": 200, "fake_rate": 10}
+        await _leave_after_the_first_bytes(app, body)
 
 
 async def test_client_leaving_while_its_model_loads(make_config: ConfigFactory) -> None:

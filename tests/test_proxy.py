@@ -213,8 +213,8 @@ async def test_backend_cookies_are_never_replayed_to_other_requests() -> None:
 
 
 async def test_a_request_the_backend_closed_on_before_it_was_written_is_sent_again() -> None:
-    """The first connection is reset unread while the request is still being
-    written (the body is larger than the socket buffers): the backend cannot
+    """The first connection is reset after its first byte, while the request
+    is still being written (the body is larger than the socket buffers): the backend cannot
     have read it, so it goes again, and arrives exactly once."""
     import hashlib
     import socket
@@ -228,7 +228,7 @@ async def test_a_request_the_backend_closed_on_before_it_was_written_is_sent_aga
         nonlocal connections
         connections += 1
         if connections == 1:
-            await asyncio.sleep(0.05)  # let the client start writing, read nothing
+            await reader.readexactly(1)  # the client is writing; 16 MiB cannot all be sent yet
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()  # RST

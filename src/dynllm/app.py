@@ -23,7 +23,7 @@ import httpx
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -202,17 +202,20 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
 
 
 class AsciiJSONResponse(JSONResponse):
-    """JSON with non-ASCII escaped: a message that quotes client input (a
-    model name with a lone surrogate) can always be encoded."""
+    """JSON with non-ASCII escaped (as ``DynllmError.render`` writes it): a
+    message that quotes client input (a path with a lone surrogate) can always
+    be encoded."""
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, separators=(",", ":")).encode()
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def dynllm_error(request: Request, exc: Exception) -> JSONResponse:
+    async def dynllm_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, DynllmError)
-        return AsciiJSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+        shape = Shape.KSERVE if request.url.path.startswith("/v2") else Shape.OPENAI
+        status, headers, payload = exc.render(shape)  # the same rendering as the model routes
+        return Response(payload, status, headers, media_type="application/json")
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -232,7 +235,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers=getattr(exc, "headers", None),
         )
 
-    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
         return await dynllm_error(request, invalid_request(exc.errors()))
 

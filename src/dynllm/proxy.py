@@ -190,6 +190,16 @@ class UpstreamResponse:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+async def send_json_payload(
+    send: Send, status: int, payload: bytes, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    """One complete JSON response: the only place dynllm writes one by hand."""
+    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+    raw += headers
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
 class ErrorAnswer:
     """A backend's error answer, translated into the route's error shape."""
 
@@ -199,12 +209,9 @@ class ErrorAnswer:
         self.status, self.headers, self.body = status, headers, body
 
     async def send_to(self, send: Send, finish: Finish) -> None:
-        raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(self.body))]
-        raw += self.headers
-        finish.started = True
-        await send({"type": "http.response.start", "status": self.status, "headers": raw})
-        finish.done = True
-        await send({"type": "http.response.body", "body": self.body})
+        # Both flags at once: the answer is whole in hand, nothing is left to cancel.
+        finish.started = finish.done = True
+        await send_json_payload(send, self.status, self.body, self.headers)
 
 
 Answer = UpstreamResponse | ErrorAnswer

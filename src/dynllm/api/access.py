@@ -30,6 +30,7 @@ from enum import Enum
 
 from starlette.types import Scope
 
+from dynllm.api.bodies import header
 from dynllm.config import Config
 from dynllm.errors import (
     DynllmError,
@@ -97,13 +98,6 @@ def is_json(content_type: bytes | None) -> bool:
     return kind == b"application/json" or (
         kind.startswith(b"application/") and kind.endswith(b"+json")
     )
-
-
-def header(scope: Scope, wanted: bytes) -> bytes | None:
-    for name, value in scope["headers"]:
-        if name.lower() == wanted:
-            return bytes(value)
-    return None
 
 
 def _matches(key: bytes, keys: tuple[bytes, ...]) -> bool:

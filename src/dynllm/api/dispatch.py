@@ -41,7 +41,7 @@ from dynllm.errors import (
     UnsupportedMediaType,
     WrongModelType,
 )
-from dynllm.proxy import Finish, forward
+from dynllm.proxy import Finish, forward, send_json_payload
 
 if TYPE_CHECKING:
     from dynllm.app import Services
@@ -53,17 +53,12 @@ _INTERNAL = DynllmError("Internal error in dynllm; see its log")
 
 async def send_error(send: Send, exc: DynllmError, shape: Shape = Shape.OPENAI) -> None:
     status, headers, payload = exc.render(shape)
-    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
-    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send_json_payload(send, status, payload, raw)
 
 
 async def send_json(send: Send, status: int, data: Any) -> None:
-    payload = json.dumps(data).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload})
+    await send_json_payload(send, status, json.dumps(data).encode())
 
 
 class ClientWatch:
