@@ -59,6 +59,7 @@ class EvictionPolicy(StrEnum):
 
 NonNegInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
 
 
 def _lower(value: Any) -> Any:
@@ -256,6 +257,18 @@ class Config(_Strict):
     """Host names accepted besides loopback ones while bound to loopback."""
     api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     admin_api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    cors_origins: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    """Origins (``https://chat.example``, or ``*``) whose pages may call the model
+    routes from a browser; admin routes never answer cross-origin."""
+    header_timeout_seconds: PositiveFloat = 10
+    """A connection must finish its request line and headers within this."""
+    body_idle_timeout_seconds: PositiveFloat = 30
+    """A request body that sends no byte for this long is dropped."""
+    max_connections: Annotated[int, Field(ge=1)] = 1024
+    """Concurrent connections and requests beyond this get 503."""
+    load_failure_cooldown_seconds: NonNegFloat = 5
+    """After a failed load, the first wait before the next try (doubles per failure; 0: off)."""
+    load_failure_cooldown_max_seconds: NonNegFloat = 300
 
     # Where relative paths are resolved from (the config file's folder).
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)

@@ -13,6 +13,7 @@
     ├── ModelBusy                    409     conflict_error           model_busy
     ├── PayloadTooLarge              413     invalid_request_error    payload_too_large
     ├── UnsupportedMediaType         415     invalid_request_error    unsupported_media_type
+    ├── RequestTimeout               408     invalid_request_error    request_timeout
     ├── MisdirectedRequest           421     invalid_request_error    host_not_allowed
     ├── BackendError                 502     backend_error            ...
     │   ├── BackendStartFailed       502     backend_error            backend_start_failed
@@ -23,7 +24,9 @@
     │   ├── QueueTimeout             503     unavailable_error        queue_timeout (+Retry-After)
     │   ├── InsufficientVRAM         503     unavailable_error        insufficient_vram
     │   ├── BackendMissing           503     unavailable_error        backend_not_installed
-    │   └── ShuttingDown             503     unavailable_error        shutting_down
+    │   ├── ShuttingDown             503     unavailable_error        shutting_down
+    │   ├── CoolingDown              503     unavailable_error        load_cooldown (+Retry-After)
+    │   └── TooManyConnections       503     unavailable_error        too_many_connections
     └── LoadTimeout                  504     timeout_error            load_timeout
 
 Each class maps once to an HTTP status and, through ``render``, to the
@@ -216,6 +219,22 @@ class BackendMissing(Unavailable):
 
 class ShuttingDown(Unavailable):
     code = "shutting_down"
+
+
+class CoolingDown(Unavailable):
+    """The model's last loads failed; it is not tried again before ``retry_after``."""
+
+    code = "load_cooldown"
+
+
+class TooManyConnections(Unavailable):
+    code = "too_many_connections"
+
+
+class RequestTimeout(DynllmError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class LoadTimeout(DynllmError):
