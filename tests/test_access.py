@@ -210,6 +210,11 @@ async def test_a_cross_origin_simple_request_changes_nothing(make_config: Config
         assert chat.status_code == 415
         assert chat.json()["error"]["code"] == "unsupported_media_type"
         load = await app.client.post("/admin/models/load", content=b'{"model": "m"}', headers=plain)
+        assert load.status_code == 403  # cross-origin: admin routes refuse it before anything
+        same_page = {"content-type": "text/plain"}  # no Origin: e.g. a form without one
+        load = await app.client.post(
+            "/admin/models/load", content=b'{"model": "m"}', headers=same_page
+        )
         assert load.status_code == 415
         assert await app.spawned_pids() == []
         assert "access-control-allow-origin" not in chat.headers

@@ -30,10 +30,11 @@ from starlette.types import Receive, Scope, Send
 from dynllm import __version__
 from dynllm.api import admin, kserve, openai, routes
 from dynllm.api.access import Access, is_loopback
+from dynllm.api.cors import Cors, is_preflight
 from dynllm.api.dispatch import dispatch, send_error
 from dynllm.backends import Upstream, missing_binary, upstream_table
 from dynllm.config import Config
-from dynllm.errors import DynllmError, Shape, error_body, invalid_request
+from dynllm.errors import DynllmError, Forbidden, Shape, error_body, invalid_request
 from dynllm.launcher import ProcessEffects
 from dynllm.proxy import make_client
 from dynllm.registry import ApiFamily, Registry
@@ -67,24 +68,33 @@ def instance_marker(config: Config) -> str:
     return hashlib.sha256(str(config.db_file.resolve()).encode()).hexdigest()[:16]
 
 
+def _shape(path: str) -> Shape:
+    return Shape.KSERVE if path.startswith("/v2") else Shape.OPENAI
+
+
 class Front:
     """The ASGI app uvicorn runs: forwarding routes straight to their dispatcher
     (the hot path skips FastAPI's middleware and router), everything else,
     lifespan included, to FastAPI."""
 
-    def __init__(self, api: FastAPI, access: Access) -> None:
+    def __init__(self, api: FastAPI, access: Access, cors: Cors | None = None) -> None:
         self.api = api
         self.state = api.state
         self.access = access
+        self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
             refused = self.access.check(scope)
             if refused is not None:
-                shape = Shape.KSERVE if path.startswith("/v2") else Shape.OPENAI
-                await send_error(send, refused, shape)
+                await send_error(send, refused, _shape(path))
                 return
+            if is_preflight(scope):
+                await self._preflight(scope, send)
+                return
+            if self.cors is not None:
+                send = self.cors.wrap(scope, send)
             route = routes.BY_PATH.get(path)  # the OpenAI routes: one dict lookup
             if route is not None:
                 await dispatch(self.state.services, route, None, scope, receive, send)
@@ -100,6 +110,18 @@ class Front:
                 await dispatch(self.state.services, kroute, kserve_path, scope, receive, send)
                 return
         await self.api(scope, receive, send)
+
+    async def _preflight(self, scope: Scope, send: Send) -> None:
+        headers = self.cors.preflight_headers(scope) if self.cors is not None else None
+        if headers is None:
+            refused = Forbidden(
+                "Cross-origin requests from this origin are not allowed; "
+                "list it in cors_origins if they are meant to be"
+            )
+            await send_error(send, refused, _shape(scope["path"]))
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
 
 PRELOAD_STOP_POLL_SECONDS = 0.2
@@ -198,7 +220,7 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
     openai.install(app)
     kserve.install(app)
     admin.install(app)
-    return Front(app, Access(config))
+    return Front(app, Access(config), Cors.from_config(config.cors_origins))
 
 
 class AsciiJSONResponse(JSONResponse):

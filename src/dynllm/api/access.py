@@ -12,9 +12,12 @@ Routes fall in three classes, decided by path alone:
 Before keys, two browser defences: while dynllm listens on loopback only, a
 request whose ``Host`` is not a loopback name or address (nor in
 ``allowed_hosts``) gets 421, so a web page cannot reach it by DNS rebinding;
-and an admin POST must carry a JSON content type (415), so a cross-origin
-"simple" request (``text/plain``, no preflight) cannot change anything.  The
-model routes check their own content types (``api.dispatch``).
+an admin POST must carry a JSON content type (415), so a cross-origin
+"simple" request (``text/plain``, no preflight) cannot change anything; and
+an admin request a browser sent from another origin is refused (403) whatever
+``cors_origins`` says.  The model routes check their own content types
+(``api.dispatch``); CORS preflights pass here without a key (browsers never
+send one on them) and are answered by the front (``api.cors``).
 
 A key travels as ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.  Keys
 are compared in constant time against every configured key, and never
@@ -31,6 +34,7 @@ from enum import Enum
 from starlette.types import Scope
 
 from dynllm.api.bodies import header
+from dynllm.api.cors import is_cross_origin, is_preflight
 from dynllm.config import Config
 from dynllm.errors import (
     DynllmError,
@@ -46,6 +50,8 @@ REMOTE_ADMIN_HINT = (
     "Admin routes answer only clients on this machine while no admin key is set; "
     "set admin_api_keys in the config (or DYNLLM_ADMIN_API_KEYS) to manage dynllm remotely"
 )
+
+CROSS_ORIGIN_ADMIN = "Admin routes do not answer requests from other web pages (cross-origin)"
 
 
 class RouteClass(Enum):
@@ -126,6 +132,10 @@ class Access:
                     f"'{host}'; add it to allowed_hosts if it is meant to"
                 )
         kind = classify(scope["path"])
+        if kind is RouteClass.ADMIN and is_cross_origin(scope):
+            return Forbidden(CROSS_ORIGIN_ADMIN)
+        if kind is not RouteClass.ADMIN and is_preflight(scope):
+            return None  # browsers send no key on a preflight; the front answers it
         if (
             kind is RouteClass.ADMIN
             and scope["method"] == "POST"
