@@ -1,8 +1,11 @@
-"""ProcessEffects: the scheduler's real side effects against the fake llama-server."""
+"""ProcessEffects: the scheduler's real side effects against the fake llama-server
+(and the tree backend, for a port a squatter took)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +16,17 @@ from dynllm.app import instance_marker
 from dynllm.errors import ModelFileMissing
 from dynllm.launcher import ProcessEffects
 from dynllm.scheduler import PortTaken
-from tests.conftest import ConfigFactory, free_port
+from tests.conftest import ConfigFactory, apoll
+from tests.support.net import free_port
+from tests.support.trees import (
+    kill_all,
+    read_tree,
+    reaped,
+    requests_seen,
+    start_squatter,
+    stop,
+    tree_command,
+)
 
 
 @pytest.fixture
@@ -54,3 +67,39 @@ async def test_missing_model_file(
     effects = ProcessEffects(config, instance_marker(config), probe)
     with pytest.raises(ModelFileMissing, match=r"absent\.gguf"):
         await effects.start(config.models[0], free_port(), lambda h: None)
+
+
+async def test_a_squatter_is_port_taken_and_gets_nothing(
+    make_config: ConfigFactory, probe: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A squatter binds the port after the backend was started on it and
+    before the backend binds (which then keeps retrying): the backend is
+    stopped, whole tree, and reported as PortTaken before any request -- the
+    readiness probe included -- reaches the squatter."""
+    port = free_port()
+    go = tmp_path / "go"
+    go.mkdir()
+    pids, ports = tmp_path / "pids", tmp_path / "ports"
+    command = tree_command(pids, "--ports-file", str(ports), "--go-dir", str(go))
+    config = make_config([{"name": "A", "backend": "command", "command": command}],
+                         enabled_backends=["command"], stop_timeout_seconds=0.5)  # fmt: skip
+    effects = ProcessEffects(config, instance_marker(config), probe)
+    log = tmp_path / "squatter.log"
+    start = asyncio.create_task(effects.start(config.models[0], port, lambda h: None))
+    await apoll(lambda: ports.exists() and ports.read_text() == f"{port}\n", timeout=15)
+    tree = read_tree(pids)  # its children run; the backend waits for the go file
+    squatter = await asyncio.to_thread(start_squatter, port, log)
+    try:
+        (go / f"go-{port}").touch()
+        began = time.monotonic()
+        with pytest.raises(PortTaken):
+            await start
+        print(f"PortTaken {time.monotonic() - began:.3f} s after the backend tried to bind; "
+              f"squatter requests: {requests_seen(log)}")  # fmt: skip
+        assert [role for role, p in tree.items() if not reaped(p)] == []
+        assert requests_seen(log) == []
+    finally:
+        if not start.done():
+            start.cancel()
+        stop(squatter)
+        kill_all(list(tree.values()))

@@ -8,6 +8,7 @@ The quarantine clock is replaced with a fake one: no sleeps.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ import pytest
 
 from dynllm import ports as ports_module
 from dynllm.errors import DynllmError, Unavailable
-from dynllm.ports import PortPool, port_is_free
+from dynllm.ports import PortPool, listening_inodes, port_is_free
 
 HOST = "127.0.0.1"
 
@@ -440,3 +441,60 @@ def test_a_port_with_connections_in_time_wait_is_free() -> None:
     listener.close()
     assert not _bindable(port)  # a plain bind is refused ...
     assert port_is_free(port)  # ... but a server's bind is not
+
+
+# ---- listening_inodes: who listens on a port ------------------------------------------
+
+
+def _inode(sock: socket.socket) -> int:
+    """The socket's inode as its fd link shows it (``socket:[N]``)."""
+    link = os.readlink(f"/proc/self/fd/{sock.fileno()}")
+    assert link.startswith("socket:["), link
+    return int(link[8:-1])
+
+
+def test_listening_inodes_sees_only_listeners_on_that_port(
+    window: Callable[[int], range], occupy: Callable[[int], socket.socket]
+) -> None:
+    first, second = window(2)
+    listener = occupy(first)
+    assert listening_inodes(first) == set()  # bound, not listening: receives nothing
+    listener.listen()
+    other = occupy(second)
+    other.listen()
+    assert listening_inodes(first) == {_inode(listener)}
+    assert listening_inodes(second) == {_inode(other)}
+    # A connection to the listener is not a listener (ESTABLISHED on both ends).
+    with socket.create_connection((HOST, first)) as client:
+        accepted, _ = listener.accept()
+        with accepted:
+            assert listening_inodes(first) == {_inode(listener)}
+            assert _inode(client) not in (listening_inodes(client.getsockname()[1]) or set())
+
+
+def test_listening_inodes_sees_ipv6_and_shared_listeners(window: Callable[[int], range]) -> None:
+    """Every listener counts: one on another family, and a second one that
+    shares the port through SO_REUSEPORT (it would get half the connections)."""
+    (port,) = window(1)
+    socks = []
+    try:
+        for _ in range(2):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((HOST, port))
+            sock.listen()
+            socks.append(sock)
+        try:
+            six = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            six.bind(("::1", port))
+            six.listen()
+            socks.append(six)
+        except OSError:
+            pass  # no IPv6 loopback here: the two IPv4 listeners still count
+        found = listening_inodes(port)
+        assert found == {_inode(s) for s in socks}
+        assert len(found) >= 2
+    finally:
+        for sock in socks:
+            sock.close()
+    assert listening_inodes(port) == set()

@@ -19,10 +19,11 @@ import httpx
 import psutil
 import pytest
 
-from dynllm import store as store_module
-from dynllm.backends.base import MARKER_ENV
+from dynllm.backends.base import MARKER_ENV, MODEL_ENV
 from dynllm.store import MIGRATIONS, StateError, StateLocked, Store
-from tests.conftest import FAKE_SERVER, apoll, free_port, poll
+from tests.conftest import FAKE_SERVER, apoll, poll
+from tests.support.net import free_port
+from tests.support.trees import gone, kill_all, read_tree, tree_command
 
 
 def spawn_backend(marker: str | None, *extra: str) -> subprocess.Popen[bytes]:
@@ -306,7 +307,7 @@ async def test_a_file_that_cannot_be_moved_aside_is_a_clear_error(
     def refuse(*_: Any) -> None:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(store_module.os, "rename", refuse)
+    monkeypatch.setattr("dynllm.store.os.rename", refuse)
     store = Store(db, "m")
     started = time.monotonic()
     with pytest.raises(StateError, match="cannot be moved aside") as err:
@@ -433,3 +434,44 @@ async def test_a_failed_batch_is_rolled_back_logged_once_and_retried(
         assert any("works again after 3" in r.getMessage() for r in caplog.records)
     finally:
         await store.close()
+
+
+def orphaned_daemon(tmp_path: Path, marker: str) -> dict[str, psutil.Process]:
+    """A backend that double-forked a daemon, then died as by its parent-death
+    signal: the daemon runs on in its own session, recorded nowhere."""
+    pids = tmp_path / f"pids-{marker}"
+    env = {"PATH": "/usr/bin:/bin", MARKER_ENV: marker, MODEL_ENV: "A"}
+    argv = [*tree_command(pids, port="0", children=False), "--daemon"]
+    main = subprocess.Popen(argv, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    tree = read_tree(pids, roles=("main", "daemon"))
+    main.kill()
+    main.wait()
+    return tree
+
+
+async def test_reconcile_stops_leftovers_found_by_marker_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a kill -9 of dynllm the backend's main process is gone, but a
+    daemon it double-forked still runs: the next start finds it by the
+    instance marker and stops it; another instance's daemon is spared."""
+    ours = orphaned_daemon(tmp_path, "marker-1")
+    theirs = orphaned_daemon(tmp_path, "marker-2")["daemon"]
+    try:
+        store = Store(tmp_path / "state.db", "marker-1")
+        await store.open()
+        store.record("A", status="loaded", pid=ours["main"].pid, pgid=None,
+                     proc_started_at=1.0, port=9100)  # fmt: skip
+        await store.flush()
+        began = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="dynllm.store"):
+            orphans = await store.reconcile(["A"], grace=2.0)
+        print(f"leftover daemon stopped by marker in {time.monotonic() - began:.3f} s")
+        assert [(o.name, o.pid) for o in orphans] == [("A", ours["daemon"].pid)]
+        assert gone(ours["daemon"]) and not gone(theirs)
+        assert f"pid {ours['daemon'].pid} (model 'A')" in caplog.text
+        assert "orphaned" in (await store.rows())["A"]["last_error"]
+        await store.close()
+    finally:
+        kill_all([ours["daemon"], theirs])

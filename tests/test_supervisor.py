@@ -1,21 +1,36 @@
-"""BackendProcess against the fake llama-server: pipes, readiness, exit, stop."""
+"""BackendProcess against the fake llama-server: pipes, readiness, exit, stop; and
+against the tree backend: stop and crash take every process it started, and
+readiness never probes a listener the backend does not own."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from dynllm.app import instance_marker
 from dynllm.backends.base import MARKER_ENV
 from dynllm.errors import BackendExited, BackendStartFailed, LoadTimeout
-from dynllm.supervisor import LOG_LINES, BackendProcess, ProcState
-from tests.conftest import FAKE_SERVER, ConfigFactory, free_port
+from dynllm.supervisor import LOG_LINES, BackendProcess, PortHeldElsewhere, ProcState
+from tests.conftest import FAKE_SERVER, ConfigFactory
+from tests.support.net import free_port
+from tests.support.trees import (
+    kill_all,
+    read_tree,
+    reaped,
+    requests_seen,
+    start_squatter,
+    stop,
+    tree_command,
+)
 
 
 @pytest.fixture
@@ -58,7 +73,12 @@ async def test_heavy_output_is_drained_and_kept_in_a_ring(
         assert len(proc.lines) == LOG_LINES
     finally:
         await proc.stop(3)
-    assert proc.state is ProcState.EXITED
+    assert state_of(proc) is ProcState.EXITED
+
+
+def state_of(proc: BackendProcess) -> ProcState:
+    """The state now (mypy keeps an earlier assert's narrowing across awaits)."""
+    return proc.state
 
 
 async def test_exit_during_load_is_reported_at_once(
@@ -123,3 +143,88 @@ async def test_exit_callback_fires_for_a_crash(
 async def test_missing_binary_is_a_clear_error(env: dict[str, str]) -> None:
     with pytest.raises(BackendStartFailed, match="no-such-binary"):
         await BackendProcess.spawn("t", ["/nonexistent/no-such-binary"], env)
+
+
+# ---- the whole tree (issue 8 item 7) and the port's owner (item 8) ----------------
+
+
+async def spawn_tree(
+    tmp_path: Path, probe: httpx.AsyncClient
+) -> tuple[BackendProcess, dict[str, psutil.Process]]:
+    """The tree backend, ready: main, a SIGTERM-ignoring child, a setsid'ed daemon."""
+    port = free_port()
+    pids = tmp_path / "pids"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    proc = await BackendProcess.spawn("t", tree_command(pids, port=str(port)), env)
+    tree = read_tree(pids)
+    await proc.wait_ready(
+        probe, f"http://127.0.0.1:{port}/health", interval=0.02, timeout=10, port=port
+    )
+    return proc, tree
+
+
+async def test_stop_takes_the_whole_tree(tmp_path: Path, probe: httpx.AsyncClient) -> None:
+    proc, tree = await spawn_tree(tmp_path, probe)
+    try:
+        began = time.monotonic()
+        await proc.stop(0.5)
+        took = time.monotonic() - began
+        # Everything is gone, and reaped, by the time stop() returns.
+        left = [role for role, p in tree.items() if not reaped(p)]
+        print(f"stop(grace 0.5 s) returned after {took:.2f} s; left: {left}")
+        assert left == []
+        assert 0.5 <= took < 2.0  # the ignoring child got SIGKILL at the grace
+        assert proc.state is ProcState.EXITED
+    finally:
+        await proc.stop(0.5)
+        kill_all(list(tree.values()))
+
+
+async def test_a_crash_of_the_main_process_takes_the_tree(
+    tmp_path: Path, probe: httpx.AsyncClient
+) -> None:
+    seen: list[bool] = []
+    proc, tree = await spawn_tree(tmp_path, probe)
+    # on_exit (where the scheduler frees the port and VRAM) runs only once all are gone.
+    proc._on_exit = lambda p: seen.append(all(reaped(m) for m in tree.values()))
+    try:
+        began = time.monotonic()
+        os.kill(proc.pid, signal.SIGKILL)
+        await asyncio.wait_for(proc.exited.wait(), 5)
+        took = time.monotonic() - began
+        print(f"crash: the whole tree gone {took:.3f} s after the main process was killed")
+        assert seen == [True]
+        assert took < 1.0
+    finally:
+        await proc.stop(0.5)
+        kill_all(list(tree.values()))
+
+
+async def test_readiness_never_probes_a_squatter(tmp_path: Path, probe: httpx.AsyncClient) -> None:
+    """A squatter took the port before the backend could: not even the
+    readiness probe reaches it; the backend is told the port is someone else's."""
+    port = free_port()
+    log = tmp_path / "squatter.log"
+    squatter = start_squatter(port, log)
+    go = tmp_path / "go"
+    go.mkdir()
+    (go / f"go-{port}").touch()  # the backend binds at once (and keeps retrying)
+    argv = tree_command(tmp_path / "pids", "--ports-file", str(tmp_path / "ports"),
+                        "--go-dir", str(go), port=str(port))  # fmt: skip
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    proc = await BackendProcess.spawn("t", argv, env)
+    tree = read_tree(tmp_path / "pids")
+    try:
+        began = time.monotonic()
+        with pytest.raises(PortHeldElsewhere) as info:
+            await proc.wait_ready(
+                probe, f"http://127.0.0.1:{port}/health", interval=0.02, timeout=10, port=port
+            )
+        print(f"squatter noticed after {time.monotonic() - began:.3f} s; "
+              f"requests it got: {requests_seen(log)}")  # fmt: skip
+        assert info.value.port == port
+        assert requests_seen(log) == []
+    finally:
+        await proc.stop(0.5)
+        stop(squatter)
+        kill_all(list(tree.values()))

@@ -1,9 +1,17 @@
 """The scheduler's real side effects: spawn a backend process, wait until it
-is ready, stop it.  Everything here acts; nothing here decides."""
+is ready, stop it.  Everything here acts; nothing here decides.
+
+A port another process holds is reported as ``PortTaken`` (the scheduler
+quarantines it and retries on another): a backend that says it could not
+bind, one that exits while someone else listens on its port, and one that
+keeps running while someone else does (a squatter bound it first; the
+backend is stopped before any request reaches the squatter).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable, Mapping
 
@@ -12,8 +20,11 @@ import httpx
 from dynllm.backends import adapter_for, launch_for, missing_binary
 from dynllm.config import Config, ModelConfig
 from dynllm.errors import BackendExited, BackendMissing, ModelFileMissing
+from dynllm.ports import listening_inodes
 from dynllm.scheduler import Handle, PortTaken
-from dynllm.supervisor import BackendProcess
+from dynllm.supervisor import BackendProcess, PortHeldElsewhere
+
+log = logging.getLogger("dynllm.launcher")
 
 
 class ProcessEffects:
@@ -54,11 +65,22 @@ class ProcessEffects:
                 f"http://{launch.host}:{port}{adapter.probe(spec)}",
                 interval=self.config.health_poll_interval_ms / 1000,
                 timeout=self.config.load_timeout(spec),
+                port=port,
             )
         except BackendExited as exc:
-            if adapter.is_bind_failure(exc.stderr_tail):
+            # The whole tree is gone by now, so any listener left is someone else's.
+            if adapter.is_bind_failure(exc.stderr_tail) or listening_inodes(port):
                 raise PortTaken(port) from exc
             raise
+        except PortHeldElsewhere as exc:
+            log.warning(
+                "port %d of '%s' is held by a process outside its backend; "
+                "stopping the backend and moving to another port",
+                port,
+                spec.name,
+            )
+            await asyncio.shield(process.stop(self.config.stop_timeout_seconds))
+            raise PortTaken(port) from exc
         except BaseException:
             await asyncio.shield(process.stop(self.config.stop_timeout_seconds))
             raise

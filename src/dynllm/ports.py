@@ -2,6 +2,9 @@
 
 A port found free is still only a guess until the backend binds it, so the
 supervisor reports bind failures back (``quarantine``) and asks for another.
+A squatter that binds the port first is told apart by who holds the listening
+socket (``listening_inodes``, matched against the backend's processes by
+``dynllm.proctree``): dynllm sends nothing to a listener it did not start.
 """
 
 from __future__ import annotations
@@ -27,6 +30,40 @@ def port_is_free(port: int, host: str = BACKEND_HOST) -> bool:
         except OSError:
             return False
     return True
+
+
+_LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
+
+
+def listening_inodes(port: int) -> set[int] | None:
+    """Inodes of the sockets listening on TCP ``port`` (any address, IPv4 or
+    IPv6) in this network namespace; None where ``/proc/net/tcp`` cannot be
+    read (not Linux), so callers can tell "nobody" from "cannot tell".
+
+    Every address counts, not only loopback: a listener on the wildcard
+    address, or a second one sharing the port through SO_REUSEPORT, would
+    receive connections meant for the backend.  A listener on another
+    address only makes the caller move to another port, which is harmless.
+    """
+    suffix = f":{port:04X}"
+    key = suffix + " "  # the local address column ends with ":PORT" in hex
+    found: set[int] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                readable = True
+                next(f, None)  # the header
+                for line in f:
+                    if key not in line:  # cheap filter before splitting
+                        continue
+                    fields = line.split()
+                    # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+                    if fields[3] == _LISTEN and fields[1].endswith(suffix):
+                        found.add(int(fields[9]))
+        except OSError:  # no IPv6 table, or no /proc
+            continue
+    return found if readable else None
 
 
 class PortPool:

@@ -24,6 +24,11 @@ Failure rules, because a state file must never stop dynllm from serving:
 On startup ``reconcile()`` compares the rows with the OS: a recorded backend
 still running (same pid, same start time, our marker in its environment) is
 an orphan of a crashed dynllm and is stopped; every row ends up unloaded.
+Then every other process carrying this instance's marker is stopped too:
+after a ``kill -9`` of dynllm its backends' main processes die with it, but
+what they daemonized or left behind outside their group survives, and only
+the marker in its environment tells it belongs to this state file (see
+``dynllm.proctree``).  Each process stopped is logged.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import aiosqlite
 import psutil
 
 from dynllm.backends.base import MARKER_ENV
-from dynllm.supervisor import killpg
+from dynllm.proctree import KILL_WAIT_SECONDS, alive, find_marked, killpg, terminate
 
 log = logging.getLogger("dynllm.store")
 
@@ -482,7 +487,9 @@ class Store:
 
     # ---- startup reconciliation ----------------------------------------------------
     async def reconcile(self, known: Iterable[str], grace: float) -> list[Orphan]:
-        """Stop backends a previous run left behind; mark every row unloaded."""
+        """Stop backends a previous run left behind; mark every row unloaded.
+        Returns what was stopped: the recorded backends, then every other
+        process found by this instance's marker."""
         rows = await self.rows()
         orphans = [
             Orphan(name, row["pid"], row["pgid"])
@@ -490,9 +497,10 @@ class Store:
             if row["pid"] and self._is_ours(row["pid"], row["proc_started_at"])
         ]
         await asyncio.gather(*(self._stop_orphan(o, grace) for o in orphans))
+        leftovers = await self._stop_marked(grace, {o.pid for o in orphans})
         for name, row in rows.items():
             note = row["last_error"]
-            if any(o.name == name for o in orphans):
+            if any(o.name == name for o in orphans + leftovers):
                 note = "orphaned backend from a previous run was stopped at startup"
             elif row["status"] not in ("unloaded", None):
                 note = f"was {row['status']} when dynllm stopped; reset at startup"
@@ -503,7 +511,7 @@ class Store:
                 self.record(name)
         if not await self.flush():
             log.error("the reconciled state could not be written to %s yet", self.path)
-        return orphans
+        return orphans + leftovers
 
     def _is_ours(self, pid: int, started_at: float | None) -> bool:
         """Same pid, same start time and our marker: never signal a reused pid."""
@@ -519,10 +527,48 @@ class Store:
         log.warning("stopping orphaned backend of '%s' (pid %d)", orphan.name, orphan.pid)
         group = orphan.pgid or orphan.pid
         killpg(group, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and psutil.pid_exists(orphan.pid):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if psutil.Process(orphan.pid).status() == psutil.STATUS_ZOMBIE:
-                    break
-            await asyncio.sleep(0.05)
+        await _wait_gone(orphan.pid, grace)
         killpg(group, signal.SIGKILL)
+        # Until it is gone: the marker scan that follows must not count it again.
+        await _wait_gone(orphan.pid, KILL_WAIT_SECONDS)
+
+    async def _stop_marked(self, grace: float, stopped: set[int]) -> list[Orphan]:
+        """Stop every process carrying this instance's marker (but those in
+        ``stopped``): SIGTERM, SIGKILL after ``grace``; returns when they are
+        gone (or KILL_WAIT_SECONDS after the SIGKILL)."""
+        found = await asyncio.to_thread(find_marked, MARKER_ENV, self.marker)
+        marked = [m for m in found if m.proc.pid not in stopped]
+        if not marked:
+            return []
+        for m in marked:
+            log.warning(
+                "stopping a process left by a previous run: pid %d (model '%s'): %s",
+                m.proc.pid,
+                m.model or "?",
+                m.cmdline[:200] or "?",
+            )
+        procs = [m.proc for m in marked]
+        await terminate(procs, grace)
+        survivors = alive(procs)
+        if survivors:
+            log.error(
+                "processes left by a previous run survived SIGKILL: %s",
+                ", ".join(str(p.pid) for p in survivors),
+            )
+        return [Orphan(m.model or "?", m.proc.pid, None) for m in marked]
+
+
+async def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return
+        await asyncio.sleep(0.02)
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie (it holds nothing; its parent reaps it)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

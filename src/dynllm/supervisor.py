@@ -2,15 +2,24 @@
 
 State machine (``ProcState``), each edge taken in exactly one place::
 
-    STARTING -> READY      wait_ready() saw the probe answer 200
+    STARTING -> READY      wait_ready() saw the probe answer 200 from the backend's own listener
     STARTING -> STOPPING   stop() during a load (timeout, cancel, shutdown)
     READY    -> STOPPING   stop()
-    *        -> EXITED     the process is gone (reaped by _watch)
+    *        -> EXITED     the main process and every other process of its tree are gone
 
 The process gets its own session (so its whole group can be signalled) and a
-parent-death signal (so it dies with dynllm even after ``kill -9``).  stdout
-and stderr are drained continuously into a ring buffer: an unread pipe would
-block the child once the pipe fills.
+parent-death signal (so it dies with dynllm even after ``kill -9``).  What it
+starts in turn -- workers, a daemonized helper that left the group -- is its
+tree (``dynllm.proctree``): a stop signals all of it, and EXITED (with the
+port and VRAM it frees) waits until none of it is left.  stdout and stderr
+are drained continuously into a ring buffer: an unread pipe would block the
+child once the pipe fills.
+
+Readiness only trusts a listener the tree owns: before each probe (and again
+before READY) the port's listening sockets are matched against the tree's
+open sockets.  Nothing listening yet: no probe.  Someone else listening (a
+squatter that bound the port first): ``PortHeldElsewhere``, and not even
+the probe reaches it.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
-import os
+import secrets
 import signal
 import time
 from collections import deque
@@ -29,9 +38,20 @@ from enum import StrEnum
 import httpx
 
 from dynllm.errors import BackendExited, BackendStartFailed, LoadTimeout
+from dynllm.proctree import (
+    KILL_WAIT_SECONDS,
+    SPAWN_ENV,
+    PortOwner,
+    ProcessTree,
+    alive,
+    become_subreaper,
+)
 
 LOG_LINES = 500
+_STREAM_LIMIT = 1 << 16  # asyncio's default line limit for the pipes
 _PR_SET_PDEATHSIG = 1
+TREE_POLL_SECONDS = 0.02
+"""How often a stop looks again for members of the tree that are left."""
 
 
 class ProcState(StrEnum):
@@ -49,6 +69,31 @@ _EDGES: dict[ProcState, frozenset[ProcState]] = {
 }
 
 
+class PortHeldElsewhere(Exception):
+    """A process outside the backend's tree listens on the backend's port."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(f"port {port} is held by a process outside the backend")
+        self.port = port
+
+
+class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's own protocol, plus an event when the main process exits.
+
+    ``Process.wait()`` returns only once the process has exited *and* its
+    stdout and stderr are closed -- and a child the backend left behind holds
+    them open, so waiting for it would wait for the very processes this
+    module must stop."""
+
+    def __init__(self, main_exited: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=_STREAM_LIMIT, loop=loop)
+        self._main_exited = main_exited
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self._main_exited.set()
+
+
 def _die_with_parent() -> None:
     """Runs in the child between fork and exec."""
     try:
@@ -58,12 +103,6 @@ def _die_with_parent() -> None:
         pass
 
 
-def killpg(pgid: int, sig: signal.Signals) -> None:
-    """Signal a process group; one already gone (or not ours) is not an error."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
 class BackendProcess:
     """A spawned backend.  Create with ``await BackendProcess.spawn(...)``."""
 
@@ -71,13 +110,17 @@ class BackendProcess:
         self,
         name: str,
         proc: asyncio.subprocess.Process,
+        main_exited: asyncio.Event,
         *,
+        tag: str = "",
         on_exit: Callable[[BackendProcess], None] | None = None,
     ) -> None:
         self.name = name
         self._proc = proc
+        self._main_exited = main_exited
         self.pid = proc.pid
         self.pgid = proc.pid  # start_new_session: the child leads its own group
+        self.tree = ProcessTree(proc.pid, tag)
         self.started_at = time.time()
         self.state = ProcState.STARTING
         self.lines: deque[str] = deque(maxlen=LOG_LINES)
@@ -85,6 +128,8 @@ class BackendProcess:
         self._log = logging.getLogger(f"dynllm.backend.{name}")
         self._on_exit = on_exit
         self.exited = asyncio.Event()
+        """Set once the main process and the rest of its tree are gone."""
+        self._kill_at: float | None = None  # when a stop escalates to SIGKILL (monotonic)
         self._drains = [
             asyncio.create_task(self._drain(proc.stdout, "out")),
             asyncio.create_task(self._drain(proc.stderr, "err")),
@@ -101,10 +146,20 @@ class BackendProcess:
         *,
         on_exit: Callable[[BackendProcess], None] | None = None,
     ) -> BackendProcess:
+        # Orphans of the backend (a daemonized helper, the workers of a main
+        # process that crashed) come back to dynllm instead of init, where
+        # stop() finds them.  Idempotent; a process-wide setting.
+        become_subreaper()
+        tag = secrets.token_hex(8)
+        loop = asyncio.get_running_loop()
+        main_exited = asyncio.Event()
         try:
-            proc = await asyncio.create_subprocess_exec(
+            # asyncio.create_subprocess_exec, with the protocol that tells
+            # when the main process exits.
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _Protocol(main_exited, loop),
                 *argv,
-                env=dict(env),
+                env={**env, SPAWN_ENV: tag},
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -115,7 +170,8 @@ class BackendProcess:
             raise BackendStartFailed(
                 f"cannot start backend for '{name}': {argv[0]}: {exc.strerror or exc}"
             ) from None
-        return cls(name, proc, on_exit=on_exit)
+        proc = asyncio.subprocess.Process(transport, protocol, loop)
+        return cls(name, proc, main_exited, tag=tag, on_exit=on_exit)
 
     # ---- state --------------------------------------------------------------
     def _move(self, new: ProcState) -> None:
@@ -151,16 +207,50 @@ class BackendProcess:
             self._log.debug("%s", line)
 
     async def _watch(self) -> None:
-        await self._proc.wait()
-        # Collect the last output so a failure report has the final lines.
+        await self._main_exited.wait()
+        await self._end_tree()
+        # Collect the last output so a failure report has the final lines
+        # (the pipes close once the last process holding them is gone).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*self._drains), timeout=1.0)
-        # Anything the backend forked into its group goes with it.
-        killpg(self.pgid, signal.SIGKILL)
         self._move(ProcState.EXITED)
         self.exited.set()
         if self._on_exit is not None:
             self._on_exit(self)
+
+    async def _end_tree(self) -> None:
+        """The main process is gone: the rest of its tree goes too.  During a
+        stop they keep the stop's grace (they had SIGTERM with the main
+        process); after a crash they are killed at once.  Returns when none
+        is left.
+
+        Between polls only the members already found are looked at (one
+        small read each); the whole machine is scanned again only when they
+        are all gone, to catch a process forked meanwhile and to reap."""
+        kill_at = self._kill_at if self._kill_at is not None else time.monotonic()
+        give_up: float | None = None
+        members = await asyncio.to_thread(self.tree.members)
+        while members:
+            now = time.monotonic()
+            if now >= kill_at:
+                if give_up is None:
+                    give_up = now + KILL_WAIT_SECONDS
+                    self._log.warning(
+                        "main process is gone (code %s); killing what it left running: %s",
+                        self.returncode,
+                        ", ".join(str(p.pid) for p in members),
+                    )
+                elif now >= give_up:
+                    self._log.error(
+                        "processes %s survived SIGKILL for %g s (stuck in the kernel?); "
+                        "no longer waiting for them",
+                        ", ".join(str(p.pid) for p in members),
+                        KILL_WAIT_SECONDS,
+                    )
+                    return
+                self.tree.signal(signal.SIGKILL, members)
+            await asyncio.sleep(TREE_POLL_SECONDS)
+            members = alive(members) or await asyncio.to_thread(self.tree.members)
 
     # ---- readiness ----------------------------------------------------------
     def _exit_error(self, during: str) -> BackendExited:
@@ -180,12 +270,18 @@ class BackendProcess:
         *,
         interval: float,
         timeout: float,
+        port: int | None = None,
     ) -> None:
         """Poll ``url`` until 200.  Raises BackendExited at once if the process
-        dies first, LoadTimeout after ``timeout`` seconds (the caller stops it)."""
+        dies first, LoadTimeout after ``timeout`` seconds (the caller stops it).
+
+        With ``port``, only a listener owned by this backend's tree is probed;
+        PortHeldElsewhere when another process listens on it (the caller stops
+        the backend and moves to another port)."""
         deadline = time.monotonic() + timeout
         while True:
-            if self.exited.is_set():
+            if self.exited.is_set() or self.returncode is not None:
+                await self.exited.wait()  # the rest of the tree is being stopped
                 raise self._exit_error("while loading")
             if self.state is not ProcState.STARTING:
                 raise BackendStartFailed(f"backend for '{self.name}' was stopped while loading")
@@ -195,7 +291,7 @@ class BackendProcess:
                     f"backend for '{self.name}' was not ready within {timeout:g} s "
                     "(load_timeout_seconds)"
                 )
-            if await self._probe(client, url, timeout=min(5.0, max(remaining, 0.05))):
+            if await self._ready_once(client, url, port, min(5.0, max(remaining, 0.05))):
                 self._move(ProcState.READY)
                 return
             # Sleep one interval, but wake at once if the process exits.
@@ -204,9 +300,28 @@ class BackendProcess:
                     self.exited.wait(), timeout=min(interval, max(deadline - time.monotonic(), 0))
                 )
 
+    async def _ready_once(
+        self, client: httpx.AsyncClient, url: str, port: int | None, timeout: float
+    ) -> bool:
+        """One readiness check: the listener is ours, it answers 200, and it
+        is still ours (a second listener may share a port via SO_REUSEPORT)."""
+        if port is not None and not await self._listener_is_ours(port):
+            return False
+        if not await self._probe(client, url, timeout=timeout):
+            return False
+        return port is None or await self._listener_is_ours(port)
+
+    async def _listener_is_ours(self, port: int) -> bool:
+        """True when the tree listens on ``port`` (or nobody can tell: no
+        /proc/net/tcp); False while nothing listens; PortHeldElsewhere when
+        another process does."""
+        owner = await asyncio.to_thread(self.tree.port_owner, port)
+        if owner is PortOwner.OTHER:
+            raise PortHeldElsewhere(port)
+        return owner is not PortOwner.NOBODY
+
     async def _probe(self, client: httpx.AsyncClient, url: str, timeout: float) -> bool:
-        """One readiness request, abandoned at once if the process exits meanwhile
-        (a squatter on the port might never answer)."""
+        """One readiness request, abandoned at once if the process exits meanwhile."""
         request = asyncio.ensure_future(client.get(url, timeout=timeout))
         exit_wait = asyncio.ensure_future(self.exited.wait())
         try:
@@ -224,8 +339,9 @@ class BackendProcess:
 
     # ---- stop ---------------------------------------------------------------
     async def stop(self, grace: float) -> None:
-        """SIGTERM the group, SIGKILL it after ``grace`` s, reap.  Idempotent;
-        concurrent callers wait for the same stop."""
+        """SIGTERM the tree, SIGKILL what is left after ``grace`` s, return
+        when none of it is left.  Idempotent; concurrent callers wait for the
+        same stop."""
         if self._stop_task is None:
             self._stop_task = asyncio.create_task(self._stop(grace))
         await asyncio.shield(self._stop_task)
@@ -233,11 +349,12 @@ class BackendProcess:
     async def _stop(self, grace: float) -> None:
         if not self.exited.is_set():
             self._move(ProcState.STOPPING)
-            killpg(self.pgid, signal.SIGTERM)
+            self._kill_at = time.monotonic() + grace
+            self.tree.signal(signal.SIGTERM, await asyncio.to_thread(self.tree.members))
             try:
                 await asyncio.wait_for(self.exited.wait(), timeout=grace)
             except TimeoutError:
                 self._log.warning("did not exit %.1f s after SIGTERM; sending SIGKILL", grace)
-                killpg(self.pgid, signal.SIGKILL)
+                self.tree.signal(signal.SIGKILL, await asyncio.to_thread(self.tree.members))
                 await self.exited.wait()
         await self._watcher
