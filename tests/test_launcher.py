@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from dynllm.app import instance_marker
-from dynllm.errors import ModelFileMissing
+from dynllm.errors import BackendExited, ModelFileMissing
 from dynllm.launcher import ProcessEffects
 from dynllm.scheduler import PortTaken
 from tests.conftest import ConfigFactory, apoll
@@ -103,3 +103,35 @@ async def test_a_squatter_is_port_taken_and_gets_nothing(
             start.cancel()
         stop(squatter)
         kill_all(list(tree.values()))
+
+
+async def test_a_backend_that_exits_while_a_squatter_holds_its_port_is_port_taken(
+    make_config: ConfigFactory, probe: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """The backend exits with words no bind-failure check knows; someone
+    else listens on its port: that is PortTaken (another port), not a failed
+    load.  A long poll interval makes the exit, not a poll, notice it."""
+    port = free_port()
+    go = tmp_path / "go"
+    go.mkdir()
+    ports = tmp_path / "ports"
+    command = tree_command(tmp_path / "pids", "--ports-file", str(ports), "--go-dir", str(go),
+                           "--exit-if-taken", children=False)  # fmt: skip
+    config = make_config([{"name": "A", "backend": "command", "command": command}],
+                         enabled_backends=["command"], health_poll_interval_ms=60_000)  # fmt: skip
+    effects = ProcessEffects(config, instance_marker(config), probe)
+    log = tmp_path / "squatter.log"
+    start = asyncio.create_task(effects.start(config.models[0], port, lambda h: None))
+    await apoll(lambda: ports.exists() and ports.read_text() == f"{port}\n", timeout=15)
+    squatter = await asyncio.to_thread(start_squatter, port, log)
+    try:
+        (go / f"go-{port}").touch()
+        with pytest.raises(PortTaken) as info:
+            await asyncio.wait_for(start, 15)
+        assert isinstance(info.value.__cause__, BackendExited)
+        assert info.value.__cause__.stderr_tail == ["startup failed"]
+        assert requests_seen(log) == []
+    finally:
+        if not start.done():
+            start.cancel()
+        stop(squatter)

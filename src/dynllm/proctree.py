@@ -47,7 +47,13 @@ anyway and covers every case the issue names.  (Under systemd the default
 stops.)  Limits of this approach: a process that clears its environment
 *and* leaves the backend's group and parent chain before dynllm has seen it
 is not found, nor are processes started on a backend's behalf by another
-daemon (``docker run`` asks dockerd).
+daemon (``docker run`` asks dockerd; its port is then held by docker-proxy,
+outside the tree, and the port check refuses it).  A helper that left the
+backend's group, was orphaned to dynllm and exited on its own before any scan
+saw it stays a zombie of dynllm (no memory, no port, one pid) until dynllm
+exits: a zombie's environment cannot be read, so it cannot be attributed,
+and reaping a child dynllm cannot attribute could steal another waiter's
+exit status.
 
 Everything here reads ``/proc`` synchronously; callers on the event loop run
 scans in a worker thread (``asyncio.to_thread``).  Nothing here is on the

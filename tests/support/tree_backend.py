@@ -2,7 +2,7 @@
 """Test stand-in for a backend that starts processes of its own (NOT a real server).
 
     tree_backend.py --port P [--host H] [--pids FILE] [--ignorer] [--daemon]
-                    [--ports-file FILE --go-dir DIR]
+                    [--ports-file FILE --go-dir DIR [--exit-if-taken]]
 
 Before it binds its port it can start:
 
@@ -18,7 +18,8 @@ FILE once it runs (roles: main, ignorer, daemon).
 With ``--ports-file``, the backend appends its port to that file and waits
 for ``DIR/go-<port>`` before binding (a test can take the port first,
 race-free); if the port is taken it keeps retrying instead of exiting, as
-servers that wait for their port do.
+servers that wait for their port do; with ``--exit-if-taken`` it exits 3
+saying only ``startup failed`` (no words a bind-failure check knows).
 
 It answers ``GET /health`` (200) and ``POST /v1/chat/completions`` with a
 chat completion whose content is ``served by <pid>``.  Standard library only.
@@ -111,11 +112,14 @@ def wait_for(path: Path) -> None:
         time.sleep(0.01)
 
 
-def bind(host: str, port: int, retry: bool) -> ThreadingHTTPServer:
+def bind(host: str, port: int, retry: bool, quiet_exit: bool) -> ThreadingHTTPServer:
     while True:
         try:
             return ThreadingHTTPServer((host, port), Handler)
         except OSError as exc:
+            if quiet_exit:
+                sys.stderr.write("startup failed\n")
+                sys.exit(3)
             if not retry:
                 raise
             sys.stderr.write(f"port {port} is busy ({exc}); retrying\n")
@@ -131,6 +135,7 @@ def main() -> None:
     parser.add_argument("--daemon", action="store_true")
     parser.add_argument("--ports-file")
     parser.add_argument("--go-dir")
+    parser.add_argument("--exit-if-taken", action="store_true")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     # Forks first, while this process has one thread.
@@ -143,7 +148,7 @@ def main() -> None:
         with open(args.ports_file, "a") as f:
             f.write(f"{args.port}\n")
         wait_for(Path(args.go_dir or ".") / f"go-{args.port}")
-    server = bind(args.host, args.port, retry=bool(args.ports_file))
+    server = bind(args.host, args.port, bool(args.ports_file), args.exit_if_taken)
     server.daemon_threads = True
     server.serve_forever()
 
