@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -365,3 +366,28 @@ def test_dynllm_raises_its_open_file_limit_to_the_hard_limit(
     limits = Path(f"/proc/{proc.pid}/limits").read_text()
     line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
     assert line.split()[3:5] == [str(hard), str(hard)], line
+
+
+def test_the_dynllm_command_serves_with_the_connection_limits(
+    make_config: ConfigFactory, dynllm_process: Any
+) -> None:
+    """The command's server is built by dynllm.server: a connection that sends
+    nothing is dropped at header_timeout_seconds, and with max_connections 2
+    (the client's keep-alive connection and the silent one) a third
+    connection gets dynllm's 503."""
+    path, config = make_config.write_and_load(
+        [{"name": "m"}], header_timeout_seconds=1, max_connections=2
+    )
+    proc = dynllm_process(path)
+    with httpx.Client(base_url=f"http://127.0.0.1:{config.server.port}", trust_env=False) as http:
+        poll(lambda: http_ok(http) or proc.poll() is not None, timeout=30)
+        with socket.create_connection(("127.0.0.1", config.server.port), timeout=10) as silent:
+            opened = time.monotonic()
+            with httpx.Client(base_url=str(http.base_url), trust_env=False) as third:
+                refused = third.get("/health")
+            assert silent.recv(1) == b""  # closed by the server
+            dropped = time.monotonic() - opened
+    print(f"silent connection dropped after {dropped:.2f} s; third connection: {refused.text}")
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "too_many_connections"
+    assert 0.95 <= dropped <= 1.6

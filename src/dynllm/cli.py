@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from dynllm.app import create_app
+    from dynllm.server import uvicorn_config
     from dynllm.store import StateError, Store
 
     raise_open_file_limit()
@@ -152,10 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     server: uvicorn.Server | None = None
     app = create_app(config, stopping=lambda: server is not None and server.should_exit)
     server = uvicorn.Server(
-        uvicorn.Config(
+        uvicorn_config(  # with the header/body timeouts and max_connections
             app,
-            host=config.server.host,
-            port=config.server.port,
+            config,
             log_level=level.lower(),
             timeout_graceful_shutdown=int(config.stop_timeout_seconds) + 5,
             access_log=level == "DEBUG",
