@@ -66,6 +66,7 @@ async def test_model_field_found_and_rewritten_whatever_the_cuts(model_first: bo
         assert field.model() == "whisper-alias", cut
         assert (field.start, field.end) == (at, at + len(b"whisper-alias")), cut
         assert await streamed(spool) == body  # untouched unless asked
+        assert field.start is not None and field.end is not None
         spool.replace = (field.start, field.end, b"/models/whisper@main")
         assert spool.length == len(expected)
         assert await streamed(spool) == expected, cut
@@ -136,6 +137,7 @@ async def test_spool_moves_to_disk_past_its_memory_size_and_streams_back() -> No
     data = bytes(range(256)) * (bodies.SPOOL_MEMORY_BYTES // 128)  # 2 MiB
     spool = bodies.Spool.new()
     await bodies.spool_body(receiver([data[:999], data[999:]]), 1 << 30, spool)
+    assert spool.file is not None
     assert spool.file._rolled  # type: ignore[attr-defined]  # on disk, not in memory
     assert await streamed(spool) == data
     assert await streamed(spool) == data  # again from the start (a retry)
@@ -176,3 +178,24 @@ async def test_a_chunked_json_body_is_counted_against_the_limit() -> None:
     with pytest.raises(PayloadTooLarge, match="limit of"):
         await bodies.read_body(receiver([b"{" * 600, b"}" * 600]), 1000)
     assert await bodies.read_body(receiver([b"{}", b""]), 1000) == b"{}"
+
+
+async def test_a_large_json_body_is_kept_in_its_pieces_and_streamed_in_them() -> None:
+    """No 60 MB join or single write on the event loop: the pieces as they
+    came, each sent as it is (cut to READ_CHUNK_BYTES if larger)."""
+    big = b"x" * (bodies.READ_CHUNK_BYTES * 2 + 5)
+    pieces, size = await bodies.read_pieces(receiver([b"ab", big, b"cd"]), 1 << 30)
+    assert pieces == [b"ab", big, b"cd"] and size == len(big) + 4
+    spool = bodies.Spool.of_pieces(pieces)
+    assert spool.length == size
+    sent = [piece async for piece in spool.stream()]
+    assert [len(piece) for piece in sent] == [
+        2,
+        bodies.READ_CHUNK_BYTES,
+        bodies.READ_CHUNK_BYTES,
+        5,
+        2,
+    ]
+    assert sent[0] is pieces[0] and b"".join(sent) == b"ab" + big + b"cd"
+    assert spool.handed_over
+    assert b"".join([piece async for piece in spool.stream()]) == b"".join(sent)  # again

@@ -32,6 +32,7 @@ from dynllm.api import admin, kserve, openai, routes
 from dynllm.api.access import Access, is_loopback
 from dynllm.api.cors import Cors, is_preflight
 from dynllm.api.dispatch import dispatch, send_error
+from dynllm.api.jsonwork import JsonWorker
 from dynllm.backends import Upstream, missing_binary, upstream_table
 from dynllm.config import Config
 from dynllm.errors import DynllmError, Forbidden, Shape, error_body, invalid_request
@@ -53,6 +54,8 @@ class Services:
     effects: ProcessEffects
     client: aiohttp.ClientSession
     started_at: float = field(default_factory=time.time)
+    json_worker: JsonWorker = field(default_factory=JsonWorker)
+    """Parses JSON bodies too large for the event loop (no process until the first)."""
     upstreams: dict[tuple[str, ApiFamily], Upstream] = field(init=False)
     json_limit: int = field(init=False)
     upload_limit: int = field(init=False)
@@ -207,6 +210,7 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
             await scheduler.shutdown()
             await client.close()
             await probe_client.aclose()
+            await app.state.services.json_worker.close()
             await store.close()
 
     app = FastAPI(

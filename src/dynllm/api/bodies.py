@@ -1,6 +1,8 @@
 """Reading request bodies: whole JSON, and uploads spooled without holding them.
 
-JSON bodies are small and read whole (they are parsed once for ``model``).
+JSON bodies are read whole and parsed once for ``model``: on the event loop
+up to ``INLINE_JSON_BYTES`` (the common case), in a helper process beyond it
+(see ``jsonwork``: a 50 MB array of ``{}`` would stall every client for 1.5 s).
 Multipart and raw bodies may be hundreds of MB (audio, tensors): they go into
 a ``Spool`` (memory up to ``SPOOL_MEMORY_BYTES``, then a temporary file) and
 are streamed to the backend from there.  A multipart body is fed to a
@@ -33,6 +35,9 @@ from dynllm.errors import (
 SPOOL_MEMORY_BYTES = 1 << 20
 READ_CHUNK_BYTES = 256 << 10
 MAX_MODEL_FIELD_BYTES = 4096
+INLINE_JSON_BYTES = 1 << 20
+"""JSON bodies up to this are parsed on the event loop: at most ~20 ms even
+for the slowest kind (a 1 MiB array of ``{}``; 2 ms for a chat body)."""
 
 
 class ClientGone(Exception):
@@ -58,10 +63,16 @@ def _too_large(limit: int) -> str:
 
 
 async def read_body(receive: Receive, limit: int) -> bytes:
-    """The whole request body (JSON routes); PayloadTooLarge past ``limit``
-    bytes (a chunked body is counted as it comes), ClientGone if the client
-    left first."""
-    parts: list[bytes] = []
+    """The whole request body in one piece (see ``read_pieces``)."""
+    pieces, _ = await read_pieces(receive, limit)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+async def read_pieces(receive: Receive, limit: int) -> tuple[list[bytes], int]:
+    """The whole request body (JSON routes) as the pieces it came in, and its
+    size; PayloadTooLarge past ``limit`` bytes (a chunked body is counted as
+    it comes), ClientGone if the client left first."""
+    pieces: list[bytes] = []
     size = 0
     while True:
         message = await receive()
@@ -71,9 +82,9 @@ async def read_body(receive: Receive, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(_too_large(limit))
-        parts.append(chunk)
+        pieces.append(chunk)
         if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return pieces, size
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -91,7 +102,11 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
 
 
 def requested_model(data: dict[str, Any]) -> str:
-    model = data.get("model")
+    return model_name(data.get("model"))
+
+
+def model_name(model: object) -> str:
+    """The ``model`` value of a JSON body, if it names one."""
     if not isinstance(model, str) or not model:
         raise BadRequest("The request must name a model: a non-empty string 'model' field")
     return model
@@ -99,21 +114,31 @@ def requested_model(data: dict[str, Any]) -> str:
 
 @dataclass
 class Spool:
-    """A request body held in memory up to a size, then in a temporary file."""
+    """A request body on its way to a backend: held in memory up to a size,
+    then in a temporary file (uploads); or kept as the pieces it arrived in (a
+    large JSON body: joining 60 MB into one ``bytes``, or handing it to the
+    client library in one write, stalls the event loop for ~60 ms each)."""
 
-    file: tempfile.SpooledTemporaryFile[bytes]
+    file: tempfile.SpooledTemporaryFile[bytes] | None
     size: int = 0
     replace: tuple[int, int, bytes] | None = None
-    """(start, end, new bytes): a span to swap on the way out (the model field)."""
+    """(start, end, new bytes): a span to swap on the way out (the model field;
+    file bodies only)."""
     handed_over: bool = False
     """The last ``stream`` went to its end: the client library asked for more
     after writing the last piece, so the whole body left this process."""
+    pieces: list[bytes] | None = None
 
     @classmethod
     def new(cls) -> Spool:
         return cls(tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES))
 
+    @classmethod
+    def of_pieces(cls, pieces: list[bytes]) -> Spool:
+        return cls(None, sum(len(piece) for piece in pieces), pieces=pieces)
+
     def write(self, data: bytes) -> None:
+        assert self.file is not None
         self.file.write(data)
         self.size += len(data)
 
@@ -128,6 +153,14 @@ class Spool:
     async def stream(self) -> AsyncIterator[bytes]:
         """The body as it goes to the backend; each call starts from the beginning."""
         self.handed_over = False
+        if self.pieces is not None:
+            for piece in self.pieces:
+                for start in range(0, len(piece), READ_CHUNK_BYTES):
+                    yield piece[start : start + READ_CHUNK_BYTES]  # the piece itself if smaller
+            self.handed_over = True
+            return
+        file = self.file
+        assert file is not None
         spans: list[tuple[int, int] | bytes] = [(0, self.size)]
         if self.replace is not None:
             start, end, new = self.replace
@@ -138,8 +171,8 @@ class Spool:
                 continue
             position, stop = span
             while position < stop:
-                self.file.seek(position)
-                chunk = self.file.read(min(READ_CHUNK_BYTES, stop - position))
+                file.seek(position)
+                chunk = file.read(min(READ_CHUNK_BYTES, stop - position))
                 if not chunk:
                     return
                 position += len(chunk)
@@ -147,7 +180,9 @@ class Spool:
         self.handed_over = True
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+        self.pieces = None
 
 
 async def spool_body(receive: Receive, limit: int, spool: Spool, feed: Any = None) -> None:

@@ -107,7 +107,7 @@ class Incoming:
     label: str
     body: bytes | bodies.Spool | None
     content_type: str | None = JSON  # None: the client's own goes upstream
-    data: dict[str, Any] | None = None  # the parsed JSON body
+    data: dict[str, Any] | None = None  # the parsed JSON body (None past INLINE_JSON_BYTES)
     field: bodies.ModelField | None = None  # where a multipart "model" lies
 
     def to_backend(self, upstream: Upstream) -> bytes | bodies.Spool | None:
@@ -140,7 +140,10 @@ async def read_request(
             )
         limit = services.json_limit
         bodies.check_length(scope, limit)  # 413 before a byte is read
-        body = await bodies.read_body(receive, limit)
+        pieces, size = await bodies.read_pieces(receive, limit)
+        if size > bodies.INLINE_JSON_BYTES:
+            return await _large_json(services, route, pieces)
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         data = bodies.parse_json_object(body)
         return Incoming(bodies.requested_model(data), body, data=data)
     label = kserve.name if kserve is not None else ""
@@ -160,6 +163,22 @@ async def read_request(
         spool.close()
         raise
     return Incoming(label, spool, content_type=None, field=field)
+
+
+async def _large_json(services: Services, route: Route, pieces: list[bytes]) -> Incoming:
+    """A JSON body too large to parse on the event loop: the helper process
+    reads its model and, if the backend wants its own model name or defaults,
+    re-encodes it too, so ``to_backend`` has nothing left to do (the same
+    errors as the inline path, in the same order).  The body stays in the
+    pieces it came in, and goes to the backend in pieces."""
+    worker = services.json_worker
+    label = bodies.model_name(await worker.model_of(pieces))
+    upstream = _upstream(services, services.registry.for_family(label, route.family), route)
+    if upstream.served_name or upstream.defaults:
+        new = await worker.rewrite(pieces, upstream.served_name, upstream.defaults)
+        if new is not None:
+            pieces = [new]
+    return Incoming(label, bodies.Spool.of_pieces(pieces))
 
 
 async def dispatch(
