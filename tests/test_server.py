@@ -187,7 +187,12 @@ async def test_keep_alive_requests_have_their_own_header_clock(
 
 
 @pytest.mark.parametrize(
-    ("path", "kserve"), [("/v1/chat/completions", False), ("/v2/models/m/infer", True)]
+    ("path", "kserve"),
+    [
+        ("/v1/chat/completions", False),
+        ("/v2/models/m/infer", True),
+        ("/admin/models/unload", False),  # a FastAPI route
+    ],
 )
 async def test_a_stalled_body_gets_408_in_the_route_shape(
     make_config: ConfigFactory, path: str, kserve: bool

@@ -237,6 +237,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         send = cast(Send, cycle.send)  # uvicorn types its events; the messages are the same
         await send_json_payload(send, status, payload, [*raw, CLOSE_HEADER])
+        # Whatever the app still sends goes nowhere, as for a client that left
+        # (not a RuntimeError for a second response).
+        cycle.disconnected = True
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = TooManyConnections(
