@@ -161,6 +161,22 @@ async def test_headers_sent_a_byte_at_a_time_are_cut_at_the_header_timeout(
             assert HEADER_TIMEOUT - 0.05 <= after <= HEADER_TIMEOUT + SLACK
 
 
+async def test_one_byte_a_second_is_dropped_at_10_s_by_default(make_config: ConfigFactory) -> None:
+    """The issue's figure, at the default header_timeout_seconds."""
+    config = make_config([fake_model("m")], enabled_backends=["llamacpp", "command"])
+    assert config.header_timeout_seconds == 10
+    async with serve_limited(config) as app:
+        raw = await Raw.open(app.port)
+        start = time.monotonic()
+        endless = request_head("GET", "/health", app.port)[:-4] + b"\r\nX-Pad: " + b"a" * 100
+        dribbling = asyncio.create_task(raw.dribble(endless, 1.0))
+        after = await raw.closed_by_server(30) - start
+        await dribbling
+        raw.close()
+        print(f"\none byte a second, default header_timeout: dropped after {after:.2f} s")
+        assert 10 - 0.05 <= after <= 10 + SLACK
+
+
 async def test_keep_alive_requests_have_their_own_header_clock(
     make_config: ConfigFactory,
 ) -> None:
