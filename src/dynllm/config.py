@@ -58,8 +58,14 @@ class EvictionPolicy(StrEnum):
 
 
 NonNegInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
+# Finite: only the idle timeouts give infinity a meaning ("never", see
+# _timeout_seconds); elsewhere ``.inf`` loaded and then crashed dynllm where
+# the value became an int (a Retry-After header, a byte limit, a timer).
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+MAX_BODY_MB = 1 << 20  # 1 TiB: beyond it the limit in bytes overflowed a float
+BodyMB = Annotated[float, Field(gt=0, le=MAX_BODY_MB, allow_inf_nan=False)]
+MAX_CHECK_INTERVAL_SECONDS = 86400  # the scheduler's timer cannot take seconds near 1e14
 
 
 def _lower(value: Any) -> Any:
@@ -108,6 +114,19 @@ class BackendSettings(_Strict):
         }[backend]
 
 
+MAX_SHOWN = 80
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: short, and never an exception
+    of its own (``repr`` of an int past Python's 4300-digit cap raises)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a number too long to show"
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
 def _timeout_seconds(value: Any) -> float | None:
     """``-1``, ``inf`` and ``"inf"`` mean never; ``None`` means use the global one."""
     allowed = "must be -1/inf (never) or a number of seconds >= 0"
@@ -120,10 +139,13 @@ def _timeout_seconds(value: Any) -> float | None:
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"{allowed}, not {value!r}") from None
+            raise ValueError(f"{allowed}, not {_shown(value)}") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{allowed}, not {value!r}")
-    number = float(value)
+        raise ValueError(f"{allowed}, not {_shown(value)}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int with hundreds of digits
+        raise ValueError(f"{allowed}, not a number this large") from None
     if math.isnan(number):
         raise ValueError(f"{allowed}, not NaN")
     if number == -1 or math.isinf(number):
@@ -248,11 +270,13 @@ class Config(_Strict):
     load_timeout_seconds: PositiveFloat = 600
     health_poll_interval_ms: Annotated[int, Field(ge=1)] = 100
     stop_timeout_seconds: PositiveFloat = 10
-    idle_check_interval_seconds: PositiveFloat = 5
+    idle_check_interval_seconds: Annotated[
+        float, Field(gt=0, le=MAX_CHECK_INTERVAL_SECONDS, allow_inf_nan=False)
+    ] = 5
     queue_timeout_seconds: PositiveFloat = 120
     upstream_read_timeout_seconds: PositiveFloat | None = None
-    max_upload_mb: Annotated[float, Field(gt=0)] = 256
-    max_body_mb: Annotated[float, Field(gt=0)] = 64
+    max_upload_mb: BodyMB = 256
+    max_body_mb: BodyMB = 64
     allowed_hosts: list[str] = Field(default_factory=list)
     """Host names accepted besides loopback ones while bound to loopback."""
     api_keys: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
@@ -334,20 +358,29 @@ class Config(_Strict):
         return [m for m in self.models if m.path and not self.model_path(m).exists()]
 
 
+_PLAIN_KEY = re.compile(r"[^\W\d][\w-]*")
+
+
 def _format_location(loc: tuple[int | str, ...], data: Any) -> str:
     parts: list[str] = []
     node = data
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
+        elif item == "[key]":  # pydantic's mark: the mapping's key itself is wrong
+            parts.append(item)
         else:
-            parts.append(("." if parts else "") + item)
+            # An empty or odd key is quoted: unquoted, '' read as "(top level)".
+            key = item if _PLAIN_KEY.fullmatch(item) else _shown(item)
+            parts.append(("." if parts else "") + key)
         try:
             node = node[item]
         except (KeyError, IndexError, TypeError):
             node = None
-        if isinstance(item, int) and isinstance(node, dict) and "name" in node and len(parts) == 2:
-            parts[-1] += f" ('{node['name']}')"
+        if isinstance(item, int) and isinstance(node, dict) and len(parts) == 2:
+            name = node.get("name")
+            if isinstance(name, str):  # a name that is not text has its own line
+                parts[-1] += f" ('{name}')"
     return "".join(parts) or "(top level)"
 
 
@@ -359,7 +392,7 @@ def _readable(error: ValidationError, data: Any) -> str:
         if err["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see config.example.yaml)"
         elif err["type"] == "enum" and loc and loc[-1] == "backend":
-            message = f"unknown backend '{err.get('input')}': {message}"
+            message = f"unknown backend {_shown(err.get('input'))}: {message}"
         where = _format_location(loc, data)
         own_key = re.match(r"^[A-Za-z_]\w*(?:\[\d+\]|\.[A-Za-z_]\w*)*(?: \('[^']*'\))?: ", message)
         if own_key and not loc:  # cross-field checks name their own key
@@ -371,11 +404,32 @@ def _readable(error: ValidationError, data: Any) -> str:
     return "\n".join(lines)
 
 
+def _odd_keys(data: dict[Any, Any]) -> list[str]:
+    """Keys that are not text where the config's own keys are (YAML reads
+    ``no:`` as False and ``1:`` as a number); pydantic would name them by an
+    index (``[0]: Keys should be strings``), which points nowhere."""
+    sections: list[tuple[str, Any]] = [("", data)]
+    sections += [(f"{key}.", data.get(key)) for key in ("server", "backend")]
+    models = data.get("models")
+    if isinstance(models, list):
+        sections += [(f"models[{i}].", entry) for i, entry in enumerate(models)]
+    return [
+        f"{where}{_shown(key)}: a key must be text, not {type(key).__name__} (YAML reads "
+        "unquoted yes/no/on/off/true/false as booleans and digits as numbers: quote it)"
+        for where, section in sections
+        if isinstance(section, dict)
+        for key in section
+        if not isinstance(key, str)
+    ]
+
+
 def parse_config(data: Any, base_dir: Path | None = None) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("(top level): the config must be a YAML mapping")
+    if odd := _odd_keys(data):
+        raise ConfigError("\n".join(odd))
     if data.get("models") is None:
         data = {**data, "models": []}
     if data.get("preload_models") is None:
@@ -405,6 +459,23 @@ def parse_config(data: Any, base_dir: Path | None = None) -> Config:
     return config
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that an integer past Python's digit cap
+    (4300 by default) is a YAML error at its line and column: ``int()``
+    raises a plain ValueError there, which would escape as a traceback."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return int(super().construct_yaml_int(node))
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "found a number with too many digits", node.start_mark
+            ) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
 def load_config(path: str | Path) -> Config:
     file = Path(path).expanduser()
     try:
@@ -416,7 +487,9 @@ def load_config(path: str | Path) -> Config:
             f"cannot read config file {file}: not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file}: invalid YAML: {exc}") from None
+    except RecursionError:  # PyYAML parses nested lists and mappings recursively
+        raise ConfigError(f"{file}: invalid YAML: nested too deeply") from None
     return parse_config(data, base_dir=file.resolve().parent)
