@@ -22,6 +22,7 @@ import yaml
 from dynllm.app import create_app, instance_marker
 from dynllm.backends.base import MARKER_ENV
 from dynllm.config import Config, load_config
+from dynllm.server import uvicorn_config
 from tests.support import envs
 from tests.support.net import free_port, free_port_range
 from tests.support.tiny_gguf import write_tiny_embedding, write_tiny_llama
@@ -198,15 +199,9 @@ async def serve(config: Config) -> AsyncIterator[RunningApp]:
     """Run dynllm in this event loop on a real socket, with its lifespan."""
     register_marker(config)
     app = create_app(config)
+    # The production server config (dynllm.server's protocol and its limits).
     server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=config.server.port,
-            log_level="warning",
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
+        uvicorn_config(app, config, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
     )
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     task = asyncio.create_task(server.serve())

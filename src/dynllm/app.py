@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from dynllm import __version__
@@ -265,6 +266,12 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return await dynllm_error(request, invalid_request(exc.errors()))
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # The client left mid-body (or its body went idle and was cut): nobody
+        # reads this answer; without a handler Starlette logs a traceback.
+        return Response(status_code=400)
+
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(DynllmError, dynllm_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
