@@ -65,7 +65,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import logging
 import os
 import signal
 import threading
@@ -76,8 +75,6 @@ from enum import StrEnum
 
 from dynllm.backends.base import MODEL_ENV
 from dynllm.ports import listening_inodes
-
-log = logging.getLogger("dynllm.proctree")
 
 SPAWN_ENV = "DYNLLM_SPAWN"
 """The per-spawn tag every process of one backend carries in its environment."""
