@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -135,3 +136,36 @@ async def test_a_backend_that_exits_while_a_squatter_holds_its_port_is_port_take
         if not start.done():
             start.cancel()
         stop(squatter)
+
+
+@pytest.mark.parametrize("check", [True, False])
+async def test_port_owner_check_can_be_turned_off_for_a_port_held_by_design(
+    make_config: ConfigFactory, probe: httpx.AsyncClient, tmp_path: Path, check: bool
+) -> None:
+    """A server reached through a port another process holds by design (the
+    squatter stands in for docker-proxy of ``docker run -p``; the command
+    itself never listens): refused as PortTaken while the check is on, used
+    when ``port_owner_check: false``."""
+    port = free_port()
+    log = tmp_path / "proxy.log"
+    holder = await asyncio.to_thread(start_squatter, port, log)
+    command = [sys.executable, "-c", "import time; time.sleep(120)"]
+    config = make_config(
+        [{"name": "A", "backend": "command", "command": command, "port_owner_check": check}],
+        enabled_backends=["command"],
+        stop_timeout_seconds=0.5,
+    )
+    effects = ProcessEffects(config, instance_marker(config), probe)
+    try:
+        if check:
+            with pytest.raises(PortTaken):
+                await asyncio.wait_for(effects.start(config.models[0], port, lambda h: None), 15)
+            assert requests_seen(log) == []
+        else:
+            handle = await asyncio.wait_for(
+                effects.start(config.models[0], port, lambda h: None), 15
+            )
+            assert requests_seen(log) == ["GET /health"]  # the probe reached the holder
+            await effects.stop(handle)
+    finally:
+        stop(holder)

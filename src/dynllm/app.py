@@ -186,7 +186,7 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
             [m.name for m in config.models], config.stop_timeout_seconds
         )
         if orphans:
-            log.warning("stopped %d orphaned backend(s) from a previous run", len(orphans))
+            log.warning("stopped %d process(es) left by a previous run", len(orphans))
         client = make_client(config)
         probe_client = httpx.AsyncClient(trust_env=False)
         effects = ProcessEffects(config, marker, probe_client)

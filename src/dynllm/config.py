@@ -163,6 +163,7 @@ _BACKEND_ONLY_KEYS: dict[str, BackendName] = {
     "command": BackendName.COMMAND,
     "health_path": BackendName.COMMAND,
     "upstream_paths": BackendName.COMMAND,
+    "port_owner_check": BackendName.COMMAND,
 }
 
 
@@ -200,6 +201,10 @@ class ModelConfig(_Strict):
     """Per API family (chat, completions, embeddings, rerank, audio.transcriptions,
     audio.translations, audio.speech, images.generations, responses, kserve):
     the backend's path, where it differs from OpenAI's."""
+    port_owner_check: bool = True
+    """Probe and use the port only once a process of the backend's own tree
+    listens on it.  Off for a server whose port another process holds by
+    design (``docker run -p``: docker-proxy); a squatter is then not noticed."""
     # dynllm
     unload_time: float | None = None
     pinned: bool = False

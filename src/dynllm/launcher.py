@@ -65,7 +65,7 @@ class ProcessEffects:
                 f"http://{launch.host}:{port}{adapter.probe(spec)}",
                 interval=self.config.health_poll_interval_ms / 1000,
                 timeout=self.config.load_timeout(spec),
-                port=port,
+                port=port if spec.port_owner_check else None,
             )
         except BackendExited as exc:
             # The whole tree is gone by now, so any listener left is someone else's.
