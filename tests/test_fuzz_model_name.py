@@ -29,6 +29,7 @@ from urllib.parse import quote, unquote
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from dynllm.api import bodies
 from dynllm.api.routes import KSERVE_PREFIX, ROUTES, Body, parse_kserve
@@ -356,7 +357,7 @@ def test_any_path_parses_to_parts_that_rebuild_it(path: str) -> None:
     parsed = parse_kserve(path)
     if parsed is None:
         return
-    assert parsed.name and path == KSERVE_PREFIX + parsed.name + parsed.model_part
+    assert parsed.name and path == KSERVE_PREFIX + parsed.name + unquote(parsed.model_part)
     assert parsed.suffix in ("", "/infer", "/ready")
     assert parsed.version is None or (parsed.version and "/" not in parsed.version)
 
@@ -378,6 +379,27 @@ def test_a_model_name_with_slashes_percent_and_unicode_comes_back(
     parsed = parse_kserve(unquote(raw))
     assert parsed is not None
     assert (parsed.name, parsed.version, parsed.suffix) == (name, version, suffix)
+
+
+@FUZZ
+@given(version=SEGMENT_TEXT, suffix=SUFFIXES)
+@example(version="1?", suffix="/infer")
+@example(version="1#x", suffix="/infer")
+@example(version="..%2F..%2Fslots", suffix="")
+def test_a_version_reaches_the_backend_as_the_client_sent_it(version: str, suffix: str) -> None:
+    """The version goes into the backend's URL as the same text: never a
+    query, a fragment or another path segment (the URL as aiohttp sends it)."""
+    assume(version and "/" not in version)
+    assume(not (suffix == "" and version in ("infer", "ready")))
+    client_path = quote(f"/v2/models/clf/versions/{version}{suffix}")
+    parsed = parse_kserve(unquote(client_path))
+    assert parsed is not None and parsed.version == version
+    url = URL("http://127.0.0.1:9/v2/models/clf" + parsed.model_part)
+    segments = url.raw_path.split("/")
+    assert segments[:5] == ["", "v2", "models", "clf", "versions"], url
+    assert unquote(segments[5]) == version, url
+    assert "/".join(segments[6:]) == suffix.lstrip("/"), url
+    assert not url.raw_query_string and not url.raw_fragment, url
 
 
 # ---- whole requests through the running app --------------------------------

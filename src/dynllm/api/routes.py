@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, auto
+from urllib.parse import quote
 
 from dynllm.errors import Shape
 from dynllm.registry import ApiFamily
@@ -95,8 +96,15 @@ class KServePath:
 
     @property
     def model_part(self) -> str:
-        """What follows the name in the backend's URL (the version, the suffix)."""
-        return (f"/versions/{self.version}" if self.version else "") + self.suffix
+        """What follows the name in the backend's URL (the version, the suffix).
+
+        The version came percent-decoded from the client's URL, so it is
+        encoded again: a ``?`` or ``#`` in it made the rest a query or a
+        fragment (``/versions/1%3F/infer`` reached the backend as
+        ``/versions/1?/infer``), and a ``%2F`` a path separator."""
+        if not self.version:
+            return self.suffix
+        return f"/versions/{quote(self.version, safe='', errors='surrogatepass')}{self.suffix}"
 
 
 def parse_kserve(path: str) -> KServePath | None:
