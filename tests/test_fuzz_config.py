@@ -319,7 +319,7 @@ def test_load_config_of_any_bytes(config_dir: Path, raw: bytes) -> None:
             + "0" * 400
             + "}]",
             "models[0] ('a').unload_time",
-        ),  # fmt: skip
+        ),
         ("total_vram_mb: 1" + "0" * 5000, 'too many digits\n  in "<unicode string>", line 1'),
         ("a: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
     ],
