@@ -21,6 +21,7 @@ from dynllm.ledger import (
     Wait,
     eviction_order,
     free_mb,
+    idle_unpinned,
     plan,
     used_mb,
 )
@@ -630,3 +631,16 @@ def test_brute_force_wait_blockers_are_minimal(policy: EvictionPolicy) -> None:
         for k in range(len(blockers)):
             for subset in combinations(blockers, k):
                 assert free + idle_total + _sum(list(subset)) < need, (context, subset)
+
+
+def test_idle_unpinned_names_every_evictable_resident_whatever_its_size() -> None:
+    """What a load that ran out of memory evicts before its one retry: the
+    books were wrong, so every idle unpinned model goes, 0 MB ones too."""
+    residents = [
+        res("idle", 3000),
+        res("zero", 0),
+        res("busy", 3000, busy=True),
+        res("pinned", 1000, pinned=True),
+    ]
+    assert idle_unpinned(residents) == ("idle", "zero")
+    assert idle_unpinned([]) == ()

@@ -17,11 +17,13 @@ import pytest
 from dynllm.config import Config, ModelConfig, parse_config
 from dynllm.errors import (
     BackendExited,
+    CoolingDown,
     InsufficientVRAM,
     ModelBusy,
     QueueTimeout,
+    Unavailable,
 )
-from dynllm.scheduler import Handle, ModelState, PortTaken, Scheduler
+from dynllm.scheduler import Handle, ModelState, PortTaken, Scheduler, out_of_memory
 
 _pids = itertools.count(1000)
 
@@ -34,10 +36,10 @@ class FakeHandle:
     pid: int = field(default_factory=lambda: next(_pids))
     started_at: float = 0.0
     returncode: int | None = None
+    pgid: int = 0
 
-    @property
-    def pgid(self) -> int:
-        return self.pid
+    def __post_init__(self) -> None:
+        self.pgid = self.pid
 
     def stderr_tail(self, n: int = 20) -> list[str]:
         return ["boom"]
@@ -85,6 +87,10 @@ class FakeEffects:
             del self.gates[f"stop:{handle.name}"]
         handle.returncode = 0
         handle.on_exit(handle)
+
+    def logs(self, name: str) -> list[str]:
+        handle = self.handles.get(name)
+        return handle.stderr_tail() if handle else []
 
     def starts(self, name: str | None = None) -> int:
         return sum(1 for op, n in self.log if op == "start" and (name is None or n == name))
@@ -285,7 +291,7 @@ async def test_lifo_and_lru_choose_different_victims() -> None:
 
 
 async def test_failed_load_reaches_every_waiter_and_frees_everything() -> None:
-    s, fx, _, _records = make(AB, auto=False)
+    s, fx, clock, _records = make(AB, auto=False)
     fx.fail_next["A"] = BackendExited("exited with 1", exit_code=1, stderr_tail=["boom"])
     tasks = [asyncio.create_task(s.acquire(spec(s, "A"))) for _ in range(3)]
     await settle()
@@ -297,7 +303,8 @@ async def test_failed_load_reaches_every_waiter_and_frees_everything() -> None:
     assert slot.last_error == "exited with 1"
     assert s.used_vram_mb() == 0
     assert s.ports.leased == frozenset()
-    # The next request tries again.
+    # The next request after the cooldown tries again.
+    clock.now += 5
     fx.auto = True
     (await s.acquire(spec(s, "A"))).release()
     assert fx.starts("A") == 2
@@ -417,3 +424,220 @@ async def test_pinned_model_is_not_idle_unloaded() -> None:
     clock.now += 10_000
     assert await s.unload_idle() == []
     assert await s.unload(spec(s, "P")) is True  # by hand only
+
+
+async def test_a_crash_and_a_new_load_before_the_old_load_is_resolved() -> None:
+    """A's load finishes; before its done callback runs, the backend crashes
+    and a new load of A is admitted (the pump does that for a queued request,
+    in the same tick).  The old callback must resolve only its own load:
+    resolving the new one left A 'loading' with no load task and made its
+    waiters spin."""
+    s, fx, _, _ = make(AB, auto=False)
+    first = asyncio.create_task(s.acquire(spec(s, "A")))
+    await settle()
+    slot = s.slots["A"]
+    old_load = slot.load
+    fx.open("start:A")
+    await asyncio.sleep(0)  # the load task ends (READY); its callback runs next tick
+    assert slot.state is ModelState.READY and old_load is not None and not old_load.done()
+    fx.handles["A"].crash(code=-9)
+    s._admit(slot, s.plan(slot))  # what the pump does for a request queued for A
+    new_load, new_task = slot.load, slot.load_task
+    await settle()
+    assert old_load.done()
+    assert s.slots["A"].state is ModelState.LOADING  # (not narrowed by the READY above)
+    assert slot.load is new_load and new_load is not None and not new_load.done()
+    assert slot.load_task is new_task and new_task is not None
+    assert not first.done()  # its backend crashed: it waits for the new load
+    fx.open("start:A")
+    lease = await asyncio.wait_for(first, timeout=1)
+    assert fx.starts("A") == 2 and slot.in_flight == 1 and slot.pending == 0
+    lease.release()
+
+
+# ---- cooldown after failed loads --------------------------------------------------------
+
+
+def _exited(name: str, *lines: str) -> BackendExited:
+    """As the launcher reports a backend that exited while loading."""
+    message = f"backend for '{name}' exited with code 1 while loading; last output:\n"
+    return BackendExited(message + "\n".join(lines), exit_code=1, stderr_tail=list(lines))
+
+
+async def test_failed_loads_cool_down_doubling_to_the_cap_and_a_success_resets() -> None:
+    s, fx, clock, _ = make(AB, load_failure_cooldown_seconds=2, load_failure_cooldown_max_seconds=5)
+    a, slot = spec(s, "A"), s.slots["A"]
+    waits = []
+    for failures in (1, 2, 3, 4):
+        fx.fail_next["A"] = _exited("A", "error: cannot open model file")
+        with pytest.raises(BackendExited):
+            await s.acquire(a)
+        with pytest.raises(CoolingDown) as cooling:  # no new try inside the window
+            await s.acquire(a)
+        assert cooling.value.status == 503 and cooling.value.code == "load_cooldown"
+        assert f"failed {failures} time(s) in a row" in cooling.value.message
+        assert "cannot open model file" in cooling.value.message
+        wait = cooling.value.retry_after
+        assert wait is not None
+        waits.append(wait)
+        assert cooling.value.headers() == {"Retry-After": str(max(1, round(wait)))}
+        view = s.snapshot(slot)
+        assert view["consecutive_failures"] == failures
+        assert view["cooldown_until"] == pytest.approx(clock.now + wait)
+        clock.now += wait - 0.01
+        with pytest.raises(CoolingDown):
+            await s.acquire(a)
+        clock.now += 0.01
+    assert waits == [2, 4, 5, 5]  # doubles, capped
+    assert fx.starts("A") == 4  # one start per window, none inside
+    (await s.acquire(a)).release()  # the window passed: tried again, and it loads
+    assert slot.failures == 0 and slot.cooldown_until is None
+    assert s.snapshot(slot)["cooldown_until"] is None
+    assert s.snapshot(slot)["consecutive_failures"] == 0
+    await s.unload(a)
+    fx.fail_next["A"] = _exited("A", "boom")
+    with pytest.raises(BackendExited):
+        await s.acquire(a)
+    with pytest.raises(CoolingDown) as again:
+        await s.acquire(a)
+    assert again.value.retry_after == 2  # reset: back to the first step
+
+
+async def test_cooldown_off_cancelled_loads_and_clearing_it() -> None:
+    s, fx, _, _ = make(AB, load_failure_cooldown_seconds=0)
+    fx.fail_next["A"] = _exited("A", "boom")
+    with pytest.raises(BackendExited):
+        await s.acquire(spec(s, "A"))
+    (await s.acquire(spec(s, "A"))).release()  # 0: no cooldown
+    assert fx.starts("A") == 2
+    s, fx, _, _ = make(AB, auto=False)
+    t = asyncio.create_task(s.acquire(spec(s, "A")))
+    await settle()
+    assert await s.unload(spec(s, "A"), force=True) is True
+    with pytest.raises(Unavailable):
+        await t
+    assert s.slots["A"].failures == 0 and s.slots["A"].cooldown_until is None  # not a failure
+    fx.auto = True
+    fx.fail_next["A"] = _exited("A", "boom")
+    with pytest.raises(BackendExited):
+        await s.acquire(spec(s, "A"))
+    s.clear_cooldown(spec(s, "A"))  # an admin's forced load
+    (await s.acquire(spec(s, "A"))).release()
+
+
+# ---- out of memory ----------------------------------------------------------------------------
+
+OOM_LINES = {
+    "llama.cpp CUDA": "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 9866.00 MiB on "
+    "device 1: cudaMalloc failed: out of memory",
+    "llama.cpp alloc": "alloc_tensor_range: failed to allocate CUDA0 buffer of size 151851674624",
+    "llama.cpp load": "llama_model_load: error loading model: unable to allocate CUDA0 buffer",
+    "llama.cpp Vulkan": "ggml_vulkan: vk::Device::allocateMemory: ErrorOutOfDeviceMemory",
+    "CUDA": "RuntimeError: CUDA error: out of memory",
+    "torch": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB.",
+    "vLLM cache": "ValueError: No available memory for the cache blocks. Try increasing "
+    "`gpu_memory_utilization` when initializing the engine.",
+    "vLLM startup": "ValueError: Free memory on device cuda:0 (1.2/23.6 GiB) on startup is less "
+    "than desired GPU memory utilization (0.9, 21.2 GiB). Decrease GPU memory utilization "
+    "or reduce GPU memory used by other processes.",
+}
+NOT_OOM = [
+    "ggml_cuda_host_malloc: failed to allocate 1900.00 MiB of pinned memory: invalid argument",
+    "error: failed to open model file /models/x.gguf",
+    "main: exiting due to model loading error",
+    "",
+]
+
+
+def test_out_of_memory_matches_what_backends_print() -> None:
+    for where, line in OOM_LINES.items():
+        assert out_of_memory([line]), where
+        assert out_of_memory(["INFO loading", line, "main: exiting"]), where
+    for line in NOT_OOM:
+        assert not out_of_memory([line]), line
+
+
+THREE = [
+    {"name": "A", "vram_mb": 2000},
+    {"name": "B", "vram_mb": 2000},
+    {"name": "P", "vram_mb": 1000, "pinned": True},
+    {"name": "C", "vram_mb": 2000},
+]
+
+
+async def test_oom_evicts_the_idle_models_and_retries_once() -> None:
+    s, fx, _, _ = make(THREE)
+    for name in "ABP":
+        (await s.acquire(spec(s, name))).release()
+    held = await s.acquire(spec(s, "B"))  # busy: never evicted
+    fx.fail_next["C"] = _exited("C", OOM_LINES["llama.cpp CUDA"], "main: exiting")
+    lease = await s.acquire(spec(s, "C"))  # the books said it fits (7000 of 8000)
+    assert [op for op in fx.log[3:]] == [("start", "C"), ("stop", "A"), ("start", "C")]
+    assert s.slots["A"].state is ModelState.UNLOADED  # the idle one went
+    assert s.slots["B"].state is ModelState.READY and s.slots["P"].state is ModelState.READY
+    assert s.slots["C"].failures == 0
+    lease.release()
+    held.release()
+
+
+async def test_a_second_oom_is_a_plain_failure_and_nothing_idle_means_no_retry() -> None:
+    s, fx, _, _ = make(THREE)
+    (await s.acquire(spec(s, "A"))).release()
+    oom = _exited("C", OOM_LINES["torch"])
+    fx.fail_next["C"] = oom
+
+    async def start_again(spec: ModelConfig, port: int, on_exit: Any) -> Handle:
+        fx.log.append(("start", spec.name))
+        raise oom  # out of memory again
+
+    real_start = fx.start
+    calls = 0
+
+    async def start(spec: ModelConfig, port: int, on_exit: Any) -> Handle:
+        nonlocal calls
+        calls += 1
+        return await (real_start if calls == 1 else start_again)(spec, port, on_exit)
+
+    fx.start = start  # type: ignore[method-assign]
+    with pytest.raises(BackendExited):
+        await s.acquire(spec(s, "C"))
+    assert fx.starts("C") == 2  # one retry, never a loop
+    assert ("stop", "A") in fx.log
+    assert s.slots["C"].failures == 1 and s.slots["C"].cooldown_until is not None
+    # Nothing idle to evict: an OOM is a plain failure at once.
+    s2, fx2, _, _ = make(THREE)
+    fx2.fail_next["C"] = _exited("C", OOM_LINES["vLLM cache"])
+    with pytest.raises(BackendExited):
+        await s2.acquire(spec(s2, "C"))
+    assert fx2.starts("C") == 1
+
+
+async def test_an_exit_that_is_not_oom_is_not_retried() -> None:
+    s, fx, _, _ = make(THREE)
+    (await s.acquire(spec(s, "A"))).release()
+    fx.fail_next["C"] = _exited("C", NOT_OOM[0], "error: failed to open model file")
+    with pytest.raises(BackendExited):
+        await s.acquire(spec(s, "C"))
+    assert fx.starts("C") == 1 and s.slots["A"].state is ModelState.READY
+
+
+# ---- a backend that died under a lease ---------------------------------------------------------
+
+
+async def test_replace_waits_for_the_exit_report_then_restarts() -> None:
+    s, fx, _, _ = make(AB)
+    lease = await s.acquire(spec(s, "A"))
+    assert not lease.backend_exited
+    handle = fx.handles["A"]
+    handle.returncode = -9  # dead; the supervisor has not reported it yet
+    assert lease.backend_exited
+    lease.release()
+    renewed = asyncio.create_task(s.replace(lease))
+    await settle()
+    assert not renewed.done() and fx.starts("A") == 1  # not leased again on the dead one
+    handle.on_exit(handle)  # reported
+    new = await asyncio.wait_for(renewed, timeout=1)
+    assert fx.starts("A") == 2 and new.generation != lease.generation
+    assert not new.backend_exited
+    new.release()
+    assert s.slots["A"].in_flight == 0

@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from dynllm.config import ModelConfig
 from dynllm.errors import ModelBusy, QueueTimeout, Unavailable
-from dynllm.scheduler import Lease, ModelState, Scheduler
-from tests.test_scheduler import AB, make, settle, spec
+from dynllm.scheduler import Handle, Lease, ModelState, Scheduler
+from tests.test_scheduler import AB, FakeEffects, make, make_config, settle, spec
 
 
 def counts(s: Scheduler, name: str) -> tuple[ModelState, int, int]:
@@ -400,3 +401,102 @@ async def test_cancelled_unload_caller_does_not_cut_the_stop_short() -> None:
     await settle()
     assert counts(s, "A") == (ModelState.UNLOADED, 0, 0)
     assert s.ports.leased == frozenset()
+
+
+# ---- a load cancelled while it evicts or stops its own process ----------------------------
+
+
+class LauncherLike(FakeEffects):
+    """``start`` as the real launcher's: a cancelled start stops its process
+    (shielded) before the cancel propagates; the process exits when the test
+    opens ``exit:<name>``.  ``alive`` is the truth about processes."""
+
+    def __init__(self) -> None:
+        super().__init__(auto=False)
+        self.alive: set[str] = set()
+
+    async def start(self, spec: ModelConfig, port: int, on_exit: Any) -> Handle:
+        self.alive.add(spec.name)
+        try:
+            return await super().start(spec, port, on_exit)
+        except asyncio.CancelledError:
+            await asyncio.shield(self.gate(f"exit:{spec.name}"))
+            self.alive.discard(spec.name)
+            raise
+
+
+@pytest.mark.parametrize("second", ["unload", "shutdown"])
+async def test_a_load_cancelled_twice_is_booked_free_only_once_its_process_exits(
+    second: str,
+) -> None:
+    """An admin unload cancels a load; a second unload (or shutdown) while the
+    launcher stops the half-started process must not cancel it again: that
+    cut the stop short and booked VRAM and port free while the process ran."""
+    fx = LauncherLike()
+    s = Scheduler(make_config(AB), fx)
+    t = asyncio.create_task(s.acquire(spec(s, "A")))
+    await settle()
+    assert fx.alive == {"A"} and counts(s, "A") == (ModelState.LOADING, 0, 1)
+    first = asyncio.create_task(s.unload(spec(s, "A"), force=True))
+    await settle()
+    again = asyncio.create_task(
+        s.unload(spec(s, "A"), force=True) if second == "unload" else s.shutdown()
+    )
+    await settle()
+    # The process is still being stopped: everything stays booked.
+    assert fx.alive == {"A"}
+    assert s.slots["A"].state is ModelState.LOADING
+    assert s.used_vram_mb() == 6000 and len(s.ports.leased) == 1
+    print(f"{second} while the cancelled load stops its process: {s.used_vram_mb()} MB booked")
+    fx.open("exit:A")
+    async with asyncio.timeout(1):
+        assert await first is True
+        await again
+    with pytest.raises(Unavailable, match="cancelled"):
+        await t
+    assert fx.alive == set()
+    assert counts(s, "A") == (ModelState.UNLOADED, 0, 0)
+    assert s.used_vram_mb() == 0 and s.ports.leased == frozenset()
+
+
+@pytest.mark.parametrize("how", ["unload", "shutdown"])
+async def test_cancelling_a_load_that_evicts_never_books_a_running_victim_unloaded(
+    how: str,
+) -> None:
+    """B's load waits for A's eviction; cancelling B's load (an admin unload of
+    B, or shutdown) leaves A booked until its process is gone, so nothing is
+    started in the VRAM A still holds (the issue measured 12000 MB alive on
+    an 8000 MB budget, the books saying 6000)."""
+    s, fx, _, _ = make(AB)
+    (await s.acquire(spec(s, "A"))).release()
+    fx.auto = False
+    b = asyncio.create_task(s.acquire(spec(s, "B")))
+    await settle()
+    assert counts(s, "A")[0] is ModelState.UNLOADING  # A's stop is under way
+    assert counts(s, "B") == (ModelState.LOADING, 0, 1)
+    if how == "unload":
+        async with asyncio.timeout(1):
+            assert await s.unload(spec(s, "B"), force=True) is True
+        again = asyncio.create_task(s.acquire(spec(s, "B")))  # wants A's VRAM at once
+        await settle()
+    else:
+        closing = asyncio.create_task(s.shutdown())
+        await settle()
+        assert not closing.done()  # shutdown waits for the victim's stop
+    with pytest.raises(Unavailable):
+        await b
+    assert counts(s, "A")[0] is ModelState.UNLOADING
+    assert s.used_vram_mb() >= 6000  # A's process still holds its VRAM
+    assert fx.starts("B") == 0  # nothing started in it
+    print(f"{how}: victim still booked ({s.used_vram_mb()} MB) until its process exits")
+    fx.open("stop:A")
+    await settle()
+    assert counts(s, "A") == (ModelState.UNLOADED, 0, 0)
+    if how == "unload":
+        assert fx.log == [("start", "A"), ("stop", "A"), ("start", "B")]
+        fx.open("start:B")
+        (await asyncio.wait_for(again, timeout=1)).release()
+    else:
+        await asyncio.wait_for(closing, timeout=1)
+        assert fx.starts("B") == 0 and s.used_vram_mb() == 0
+    assert s.ports.leased == ({s.slots["B"].port} if how == "unload" else frozenset())

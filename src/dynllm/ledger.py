@@ -92,6 +92,13 @@ def _prune(taken: Sequence[Resident], free: int, need: int) -> list[Resident]:
     return needed
 
 
+def idle_unpinned(residents: Iterable[Resident]) -> tuple[str, ...]:
+    """Every resident that may be evicted now, whatever its size: what a load
+    that ran out of memory despite the books evicts before its one retry (the
+    books were wrong, so they cannot say how much is enough)."""
+    return tuple(r.name for r in residents if not r.busy and not r.pinned)
+
+
 def plan(
     need_mb: int,
     budget_mb: int,

@@ -19,6 +19,14 @@ Model states and their edges (each taken in one place)::
 A model holds VRAM in LOADING, READY and UNLOADING: memory counts as free
 only once the process is gone.
 
+A model whose load failed (not one that was cancelled) cools down: further
+requests are refused (``CoolingDown``, 503 + Retry-After) until the cooldown
+has passed, and it doubles with each failure in a row up to
+``load_failure_cooldown_max_seconds``; a load that succeeds resets it.  A
+load that fails because the backend ran out of GPU memory while idle models
+were loaded (the books were wrong: something else holds VRAM, or an estimate
+is low) evicts those idle models and tries once more, never twice.
+
 Cancellation: a client that leaves cancels the task inside ``acquire``.  Every
 exit from ``acquire`` (lease, error, cancel at any ``await``) goes through
 ``_settle``, which takes the request out of the queue, uncounts it from
@@ -38,9 +46,10 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import partial
@@ -49,7 +58,9 @@ from typing import Any, Protocol
 from dynllm import ledger
 from dynllm.config import Config, ModelConfig
 from dynllm.errors import (
+    BackendExited,
     BackendStartFailed,
+    CoolingDown,
     DynllmError,
     InsufficientVRAM,
     ModelBusy,
@@ -64,6 +75,30 @@ log = logging.getLogger("dynllm.scheduler")
 
 PORT_ATTEMPTS = 3
 RETRY_AFTER_SECONDS = 5.0
+EXIT_NOTICE_SECONDS = 5.0
+"""How long ``replace`` waits for the supervisor to report an exit it has not
+reported yet (it first collects the process's last output, up to ~1 s)."""
+
+# What backends print when the GPU (or the host, for its buffers) has no room:
+# CUDA/HIP/torch ("CUDA out of memory", "CUDA error: out of memory",
+# "cudaMalloc failed: out of memory", torch.OutOfMemoryError), llama.cpp
+# ("alloc_tensor_range: failed to allocate CUDA0 buffer", "unable to allocate
+# CUDA0 buffer", "ggml_backend_cuda_buffer_type_alloc_buffer: allocating ...
+# cudaMalloc failed", Vulkan's ErrorOutOfDeviceMemory) and vLLM ("No available
+# memory for the cache blocks", "Free memory on device ... is less than desired
+# GPU memory utilization").  llama.cpp's "failed to allocate ... pinned memory"
+# is a warning it survives, so it does not count.
+_OUT_OF_MEMORY = re.compile(
+    r"out of memory|outofmemoryerror|erroroutofdevicememory|cudamalloc failed|hipmalloc failed"
+    r"|(?:failed|unable) to allocate(?!.*pinned memory)"
+    r"|no available memory for the cache blocks|less than desired gpu memory utilization",
+    re.IGNORECASE,
+)
+
+
+def out_of_memory(lines: Iterable[str]) -> bool:
+    """Whether a backend's last output says it ran out of memory.  Pure."""
+    return any(_OUT_OF_MEMORY.search(line) for line in lines)
 
 
 class ModelState(StrEnum):
@@ -103,12 +138,22 @@ class Effects(Protocol):
         self, spec: ModelConfig, port: int, on_exit: Callable[[Handle], None]
     ) -> Handle:
         """Spawn the backend and return once it is ready.  On any failure the
-        process is already gone and a DynllmError (or PortTaken) is raised;
-        if cancelled, the process is stopped before CancelledError propagates."""
+        process is already gone and a DynllmError (or PortTaken) is raised.
+        If cancelled, the process is stopped before CancelledError propagates,
+        also when the cancel arrives while start is already stopping it after
+        a failure (a load timeout): the scheduler books its VRAM and port free
+        as soon as start raises.  The scheduler cancels a start at most once.
+        A handle is returned only while its exit has not been reported yet:
+        ``on_exit`` is ignored until start has returned the handle."""
         ...
 
     async def stop(self, handle: Handle) -> None:
         """Stop and reap; idempotent."""
+        ...
+
+    def logs(self, name: str) -> list[str]:
+        """The recent output (stdout and stderr) of the latest backend of
+        ``name``, kept after it exited."""
         ...
 
 
@@ -132,6 +177,10 @@ class Slot:
     last_used_wall: float | None = None
     load_count: int = 0
     last_error: str | None = None
+    failures: int = 0
+    """Loads that failed in a row (a cancelled one does not count)."""
+    cooldown_until: float | None = None
+    """No new load before this (scheduler clock), after a failed one."""
     load: asyncio.Future[None] | None = None
     load_task: asyncio.Task[None] | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
@@ -148,20 +197,27 @@ class Slot:
 class Lease:
     """A right to send requests to a ready backend, held until the response ends."""
 
-    __slots__ = ("_scheduler", "_slot", "generation", "port", "released", "spec")
+    __slots__ = ("_handle", "_scheduler", "_slot", "generation", "port", "released", "spec")
 
     def __init__(self, scheduler: Scheduler, slot: Slot) -> None:
         self._scheduler = scheduler
         self._slot = slot
         self.spec = slot.spec
         self.generation = slot.generation
-        assert slot.port is not None
+        assert slot.port is not None and slot.handle is not None
         self.port: int = slot.port
+        self._handle: Handle = slot.handle
         self.released = False
 
     @property
     def base_url(self) -> str:
         return f"http://{BACKEND_HOST}:{self.port}"
+
+    @property
+    def backend_exited(self) -> bool:
+        """Whether the backend this lease points at is gone: its process has
+        exited (maybe not yet reported to the scheduler) or was taken away."""
+        return self.generation != self._slot.generation or self._handle.returncode is not None
 
     def release(self) -> None:
         if not self.released:
@@ -279,12 +335,46 @@ class Scheduler:
             if slot.state is ModelState.UNLOADING:
                 await slot.stopped.wait()
                 continue
+            self._check_cooldown(slot)
             if not self._queue:  # others waiting for VRAM first: no overtaking
                 decision = self.plan(slot)
                 if not isinstance(decision, ledger.Wait):
                     self._admit(slot, decision)
                     continue
             await self._wait_turn(request, deadline)
+
+    async def replace(self, lease: Lease) -> Lease:
+        """A lease on a new backend for the model of ``lease`` (released),
+        whose backend exited before the request could be sent.
+
+        The scheduler may not have heard of the exit yet (the supervisor first
+        collects the process's last output): wait for it (bounded), so the
+        model is restarted instead of leased again on the dead backend."""
+        slot = lease._slot
+        if slot.generation == lease.generation:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXIT_NOTICE_SECONDS):
+                    await slot.stopped.wait()
+        return await self.acquire(lease.spec)
+
+    def _check_cooldown(self, slot: Slot) -> None:
+        """Refuse a new load while the model cools down after failed ones."""
+        if slot.cooldown_until is None:
+            return
+        left = slot.cooldown_until - self._clock()
+        if left <= 0:
+            return
+        raise CoolingDown(
+            f"Loading '{slot.name}' failed {slot.failures} time(s) in a row; it is not tried "
+            f"again for {math.ceil(left)} s (load_failure_cooldown_seconds). "
+            f"Last error: {slot.last_error}",
+            retry_after=left,
+        )
+
+    def clear_cooldown(self, spec: ModelConfig) -> None:
+        """Let the next request try to load ``spec`` at once (an admin who fixed
+        the cause); the failure count stays until a load succeeds."""
+        self.slots[spec.name].cooldown_until = None
 
     def _lease(self, request: _Request) -> Lease:
         """Turn the request into a request in flight; no await in between."""
@@ -396,30 +486,59 @@ class Scheduler:
     def _begin_load(self, slot: Slot, victims: list[Slot]) -> None:
         stops = [self._begin_unload(v, f"evicted to make room for '{slot.name}'") for v in victims]
         loop = asyncio.get_running_loop()
-        slot.load = loop.create_future()
+        load: asyncio.Future[None] = loop.create_future()
+        slot.load = load
         # Nobody may be waiting (preload, admin load): don't warn about it.
-        slot.load.add_done_callback(lambda f: f.cancelled() or f.exception())
+        load.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._move(slot, ModelState.LOADING, vram_mb=slot.spec.vram_mb)
         task = asyncio.create_task(self._load(slot, stops), name=f"load-{slot.name}")
         slot.load_task = task
         # A done callback, not a try/finally in _load: a task cancelled before
         # its first step never runs its body, and must not leave LOADING behind.
-        task.add_done_callback(partial(self._load_done, slot))
+        # Bound to this load's future: by the time the callback runs, the
+        # backend may have crashed and a new load of the model begun.
+        task.add_done_callback(partial(self._load_done, slot, load))
+
+    def _cancel_load(self, slot: Slot) -> None:
+        """Cancel the model's load, once: a second cancel would cut short the
+        stop that the first one started (the process would still run while
+        its VRAM and port are booked free)."""
+        task = slot.load_task
+        if task is not None and not task.cancelling():
+            task.cancel()
 
     async def _load(self, slot: Slot, stops: list[asyncio.Task[None]]) -> None:
-        if stops:
-            # Wait for the evictions without cancelling them if this load is
-            # cancelled: a stop cut short would free VRAM a process still holds.
-            await asyncio.wait(stops)
-            errors = [e for e in (stop.exception() for stop in stops) if e is not None]
-            if errors:
-                raise errors[0]
-        await self._start(slot)
+        await _wait_stops(stops)
+        try:
+            await self._start(slot)
+        except BackendExited as exc:
+            victims = self._oom_victims(slot, exc)
+            if not victims:
+                raise
+            names = ", ".join(f"'{v.name}'" for v in victims)
+            log.warning(
+                "'%s' ran out of GPU memory while loading; unloading idle %s and trying once more",
+                slot.name,
+                names,
+            )
+            reason = f"evicted: '{slot.name}' ran out of GPU memory while loading"
+            await _wait_stops([self._begin_unload(v, reason) for v in victims])
+            await self._start(slot)  # once: a second failure is a failure
 
-    def _load_done(self, slot: Slot, task: asyncio.Task[None]) -> None:
-        """Resolve the shared load future from how the load task ended."""
-        assert slot.load is not None and not slot.load.done()
-        slot.load_task = None
+    def _oom_victims(self, slot: Slot, exc: BackendExited) -> list[Slot]:
+        """The idle models to evict before retrying a load that ran out of
+        memory: every idle, unpinned one (the books were wrong, so not just
+        as many as the books say).  None: not out of memory, or nothing idle."""
+        if not out_of_memory(exc.stderr_tail) and not out_of_memory(self.effects.logs(slot.name)):
+            return []
+        names = ledger.idle_unpinned(self.residents())
+        return [self.slots[name] for name in names if name != slot.name]
+
+    def _load_done(self, slot: Slot, load: asyncio.Future[None], task: asyncio.Task[None]) -> None:
+        """Resolve the load's shared future from how its task ended."""
+        assert not load.done()
+        if slot.load_task is task:
+            slot.load_task = None
         result: BaseException | None
         if task.cancelled():
             result = Unavailable(f"loading '{slot.name}' was cancelled")
@@ -433,13 +552,33 @@ class Scheduler:
                     f"loading '{slot.name}' failed unexpectedly; see dynllm's log"
                 )
         if result is None:
-            slot.load.set_result(None)
+            load.set_result(None)
         else:
+            # A failed load ends in LOADING (only this callback leaves it then).
             slot.last_error = str(result)
             log.error("%s", slot.last_error)
+            if not task.cancelled():
+                self._cool_down(slot)
             self._move(slot, ModelState.UNLOADED, pid=None, port=None, last_error=slot.last_error)
-            slot.load.set_exception(result)
+            load.set_exception(result)
         self._pump()
+
+    def _cool_down(self, slot: Slot) -> None:
+        """One more failure in a row: no new load before the cooldown, which
+        doubles per failure up to the maximum (0: no cooldown)."""
+        slot.failures += 1
+        first = self.config.load_failure_cooldown_seconds
+        if first <= 0:
+            return
+        cap = self.config.load_failure_cooldown_max_seconds
+        seconds = min(first * 2 ** min(slot.failures - 1, 62), cap)
+        slot.cooldown_until = self._clock() + seconds
+        log.warning(
+            "'%s' failed to load %d time(s) in a row; not trying again for %g s",
+            slot.name,
+            slot.failures,
+            seconds,
+        )
 
     async def _start(self, slot: Slot) -> None:
         for attempt in range(1, PORT_ATTEMPTS + 1):
@@ -462,6 +601,7 @@ class Scheduler:
             slot.last_used, slot.last_used_wall = self._clock(), now_wall
             slot.load_count += 1
             slot.last_error = None
+            slot.failures, slot.cooldown_until = 0, None
             slot.stopped = asyncio.Event()
             self._move(
                 slot,
@@ -547,8 +687,7 @@ class Scheduler:
             )
         if slot.state is ModelState.LOADING:
             assert slot.load is not None
-            if slot.load_task is not None:
-                slot.load_task.cancel()
+            self._cancel_load(slot)
             with contextlib.suppress(DynllmError):
                 await asyncio.shield(slot.load)
             return True
@@ -591,8 +730,8 @@ class Scheduler:
             if turn is not None and not turn.done():
                 turn.set_exception(ShuttingDown("dynllm is shutting down"))
         loads = [s.load_task for s in self.slots.values() if s.load_task is not None]
-        for task in loads:
-            task.cancel()
+        for slot in self.slots.values():
+            self._cancel_load(slot)
         await asyncio.gather(*loads, return_exceptions=True)
         for slot in self.slots.values():
             if slot.state is ModelState.READY:
@@ -603,6 +742,9 @@ class Scheduler:
     # ---- views ----------------------------------------------------------------------
     def snapshot(self, slot: Slot) -> dict[str, Any]:
         h = slot.handle
+        cooldown_until = None  # wall-clock time, like last_used
+        if slot.cooldown_until is not None and (left := slot.cooldown_until - self._clock()) > 0:
+            cooldown_until = self._wall() + left
         return {
             "status": slot.state.value,
             "port": slot.port,
@@ -613,6 +755,8 @@ class Scheduler:
             "in_flight": slot.in_flight,
             "load_count": slot.load_count,
             "last_error": slot.last_error,
+            "consecutive_failures": slot.failures,
+            "cooldown_until": cooldown_until,
             "pinned": slot.spec.pinned,
             "unload_after_seconds": _json_seconds(self.config.unload_after(slot.spec)),
         }
@@ -622,6 +766,16 @@ class Scheduler:
 
     def used_vram_mb(self) -> int:
         return ledger.used_mb(self.residents())
+
+
+async def _wait_stops(stops: list[asyncio.Task[None]]) -> None:
+    """Wait for evictions without cancelling them if the waiter is cancelled:
+    a stop cut short would free VRAM a process still holds."""
+    if stops:
+        await asyncio.wait(stops)
+        errors = [e for e in (stop.exception() for stop in stops) if e is not None]
+        if errors:
+            raise errors[0]
 
 
 def _json_seconds(value: float) -> float | None:
