@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from python_multipart import MultipartParser
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import parse_options_header
 from starlette.types import Receive, Scope
 
@@ -228,17 +228,20 @@ class ModelField:
         self._done = False
         self._header_field = bytearray()
         self._header_value = bytearray()
-        self._parser = MultipartParser(
-            boundary,
-            {
-                "on_part_begin": self._part_begin,
-                "on_header_field": self._on_header_field,
-                "on_header_value": self._on_header_value,
-                "on_header_end": self._header_end,
-                "on_part_data": self._part_data,
-                "on_part_end": self._part_end,
-            },
-        )
+        try:
+            self._parser = MultipartParser(
+                boundary,
+                {
+                    "on_part_begin": self._part_begin,
+                    "on_header_field": self._on_header_field,
+                    "on_header_value": self._on_header_value,
+                    "on_header_end": self._header_end,
+                    "on_part_data": self._part_data,
+                    "on_part_end": self._part_end,
+                },
+            )
+        except FormParserError:  # python-multipart takes boundaries up to 256 bytes
+            raise InvalidMultipart("The multipart boundary is too long") from None
 
     def feed(self, chunk: bytes, offset: int) -> None:
         if self._done:  # the rest is the upload itself: no need to parse it
@@ -292,6 +295,8 @@ class ModelField:
     def model(self) -> str:
         if self.start is None or self.start < 0 or not self.value:
             raise BadRequest("The request must name a model: a non-empty 'model' form field")
+        if not self._done:  # the body ended inside the value: only its first bytes came
+            raise InvalidMultipart("The multipart body ends inside its 'model' field")
         try:
             return self.value.decode("utf-8")
         except UnicodeDecodeError:
