@@ -4,15 +4,24 @@ connection that could not be opened is tried again), error translation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
+import threading
+import time
+from collections.abc import MutableMapping
 from typing import Any
 
+import aiohttp
 import pytest
 
 from dynllm.api.bodies import Spool
 from dynllm.errors import BackendError
 from dynllm.proxy import (
+    BackendGone,
     Finish,
+    LiveConnector,
+    UpstreamResponse,
     forward,
     make_client,
     not_sent,
@@ -84,6 +93,7 @@ class _Lease:
         self.base_url = f"http://127.0.0.1:{port}"
         self.spec = type("Spec", (), {"name": "m"})()
         self.released = 0
+        self.backend_exited = False
 
     def release(self) -> None:
         self.released += 1
@@ -126,8 +136,12 @@ async def test_a_connection_that_cannot_be_opened_is_retried_then_502() -> None:
     client = make_client(make_config([]))
     lease = _Lease(port)
     try:
+        started = time.monotonic()
         with pytest.raises(BackendError) as failed:
             await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+        elapsed = time.monotonic() - started
+        print(f"a live backend refusing every connection: 502 after {1000 * elapsed:.0f} ms")
+        assert not isinstance(failed.value, BackendGone)
         assert failed.value.message == (
             "The backend for 'm' could not be reached (connection refused: is it still running?)"
         )
@@ -158,7 +172,7 @@ async def test_a_refused_connection_is_retried_until_the_backend_listens() -> No
             server = await asyncio.start_server(answer, "127.0.0.1", port)
         return await real_request(*args, **kwargs)  # type: ignore[arg-type]
 
-    client.request = counting  # type: ignore[method-assign]
+    client.request = counting  # type: ignore[method-assign,assignment]
     try:
         response = await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
         assert attempts == 2 and response.upstream.status == 200  # type: ignore[union-attr]
@@ -168,6 +182,146 @@ async def test_a_refused_connection_is_retried_until_the_backend_listens() -> No
         await client.close()
         if server is not None:
             server.close()
+
+
+async def test_a_refused_connection_to_a_backend_that_exited_is_handed_back_at_once() -> None:
+    """Nothing listens because the lease's process has exited: forward stops
+    knocking on the dead port (the retries took ~0.5 s and ended in a 502) and
+    raises BackendGone, so the dispatcher can send the request to a restarted
+    backend.  A process that exits while forward retries is noticed at the
+    next try."""
+    port = free_port()
+    client = make_client(make_config([]))
+    try:
+        lease = _Lease(port)
+        lease.backend_exited = True
+        started = time.monotonic()
+        with pytest.raises(BackendGone) as gone:
+            await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+        elapsed = time.monotonic() - started
+        print(f"refused by a backend that exited: handed back after {1000 * elapsed:.1f} ms")
+        assert elapsed < 0.04  # no backoff at all
+        assert gone.value.status == 502 and lease.released == 1
+        assert gone.value.message == ("The backend for 'm' exited before the request could be sent")
+        lease = _Lease(port)
+        attempts = 0
+        real_request = client.request
+
+        async def counting(*args: object, **kwargs: object) -> object:
+            nonlocal attempts
+            attempts += 1
+            lease.backend_exited = attempts >= 2  # the exit is seen after the first try
+            return await real_request(*args, **kwargs)  # type: ignore[arg-type]
+
+        client.request = counting  # type: ignore[method-assign,assignment]
+        with pytest.raises(BackendGone):
+            await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+        assert attempts == 2 and lease.released == 1
+    finally:
+        await client.close()
+
+
+class _KeepAliveServer:
+    """A blocking server in a thread: answers one request per connection and
+    keeps the connection open until told to close it (a backend that dies
+    closes it the same way), so the test controls exactly when the FIN goes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(5)
+        self.port: int = self.sock.getsockname()[1]
+        self.requests: list[int] = []  # per connection, requests read
+        self.close_first = threading.Event()
+        self.closed_first = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        while len(body) < length:
+            body += conn.recv(65536)
+        self.requests.append(1)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    def _run(self) -> None:
+        first, _ = self.sock.accept()
+        self._answer(first)
+        self.close_first.wait(5)
+        first.close()
+        self.closed_first.set()
+        try:
+            second, _ = self.sock.accept()
+        except OSError:  # closed by the test: no second connection came
+            return
+        with second:
+            self._answer(second)
+
+    def close(self) -> None:
+        self.close_first.set()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a waiting accept()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["LiveConnector", "plain TCPConnector"])
+async def test_a_pooled_connection_the_backend_closed_is_never_used(live: bool) -> None:
+    """The backend closed a pooled connection (it died) and the event loop has
+    not seen it yet: the request goes on a new connection (200), where a plain
+    pool writes it on the closed one and gets a 502 that says it may have
+    been read."""
+    server = _KeepAliveServer()
+    client = make_client(make_config([]))
+    if not live:
+        await client.close()
+        client = aiohttp.ClientSession(connector=aiohttp.TCPConnector())
+    assert isinstance(client.connector, LiveConnector) is live
+    try:
+        first = await forward(client, _Lease(server.port), "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+        assert isinstance(first, UpstreamResponse) and await first.upstream.read() == b"ok"
+        first.upstream.release()  # pooled
+        server.close_first.set()
+        # Blocking on purpose: the event loop must not run (and read the FIN)
+        # between the close and the next request.
+        assert server.closed_first.wait(5)
+        lease = _Lease(server.port)
+        if live:
+            second = await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+            assert isinstance(second, UpstreamResponse) and await second.upstream.read() == b"ok"
+            second.upstream.release()
+            assert server.requests == [1, 1]  # on a second connection
+        else:
+            with pytest.raises(BackendError, match="may have read it"):
+                await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+            assert server.requests == [1]
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_a_request_the_backend_read_is_never_handed_back_even_if_it_exited() -> None:
+    """A backend that read the request and died: 502, never BackendGone (the
+    request may have acted), even though its process is gone."""
+    server, port, seen = await _server_reading_then_dropping()
+    client = make_client(make_config([]))
+    lease = _Lease(port)
+    lease.backend_exited = True
+    try:
+        with pytest.raises(BackendError) as failed:
+            await forward(client, lease, "POST", "/v1/x", b'{"a":1}', [])  # type: ignore[arg-type]
+        assert not isinstance(failed.value, BackendGone)
+        assert "not sent again" in failed.value.message and seen == [b'{"a":1}']
+    finally:
+        await client.close()
+        server.close()
 
 
 async def test_backend_cookies_are_never_replayed_to_other_requests() -> None:
@@ -204,6 +358,7 @@ async def test_backend_cookies_are_never_replayed_to_other_requests() -> None:
     try:
         for _ in range(2):
             response = await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+            assert isinstance(response, UpstreamResponse)
             assert await response.upstream.read() == b"ok"
             response.upstream.release()
         assert cookies == [None, None]
@@ -286,9 +441,9 @@ async def test_an_error_body_in_pieces_is_read_whole_and_keeps_the_backends_head
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     client = make_client(make_config([]))
     lease = _Lease(server.sockets[0].getsockname()[1])
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     try:

@@ -11,16 +11,23 @@ route's error shape, its status kept.
 A request is sent again only when it cannot have reached the backend whole:
 the connection could not be opened, or writing the request failed because
 the backend had closed it.  Once it was written, the backend may have read
-(and acted on) it, and it is never sent again.
+(and acted on) it, and it is never sent again.  A request that could not be
+sent because the lease's backend process has exited (a crash a moment
+before) raises ``BackendGone`` at once instead of knocking on the dead port:
+the dispatcher then sends it, once, to a restarted backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Iterable
 
 import aiohttp
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from starlette.types import Send
 
@@ -66,6 +73,44 @@ MAX_CONNECTIONS = 1024  # to all backends together: room for many concurrent str
 WHOLE_BODY_BYTES = 1 << 20
 
 
+class BackendGone(BackendError):
+    """The request was not sent, and the lease's backend process has exited:
+    a restarted backend may serve it (a 502 if nobody does)."""
+
+
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte of Linux's TCP_INFO
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+
+
+class LiveConnector(aiohttp.TCPConnector):
+    """A pool that never hands out a connection the backend has already
+    closed.  A backend that dies closes its connections; until the event loop
+    has read that close, a pooled connection still looks usable, and a
+    request written on it fails with no answer, which cannot be told apart
+    from a backend that read the request and died (never sent again: a 502).
+    The kernel knows at once: one getsockopt per reused connection (~1 us)
+    asks it, so the request opens a new connection instead, which is refused
+    by the dead port (and then sent to a restarted backend)."""
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        while (conn := await super()._get(key, traces)) is not None:
+            if _peer_still_open(conn):
+                return conn
+            conn.close()  # dropped: the next pooled one, or a new connection
+        return None
+
+
+def _peer_still_open(conn: Connection) -> bool:
+    transport = conn.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or _TCP_INFO is None:
+        return True  # no way to ask: as before
+    try:
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0] == _TCP_ESTABLISHED)
+    except OSError:
+        return False
+
+
 def make_client(config: Config) -> aiohttp.ClientSession:
     """The one client for all backends: sized for many concurrent streams and
     with no read timeout, so a slow long generation is never cut.
@@ -73,7 +118,7 @@ def make_client(config: Config) -> aiohttp.ClientSession:
     aiohttp rather than httpx: on the bench its per-request cost is a
     fraction of httpx's (see the README's benchmark section)."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
+        connector=LiveConnector(
             limit=MAX_CONNECTIONS,
             limit_per_host=0,
             # Below the 5 s after which llama-server (cpp-httplib) and uvicorn
@@ -251,6 +296,12 @@ async def forward(
                 # before the request could be written (llama-server under a
                 # burst of new connections): it cannot have read the request,
                 # so trying again cannot repeat it.
+                if lease.backend_exited:  # no retry reaches a dead process
+                    name = lease.spec.name
+                    log.warning("backend for '%s' exited before the request was sent", name)
+                    raise BackendGone(
+                        f"The backend for '{name}' exited before the request could be sent"
+                    ) from exc
                 if attempt == CONNECT_ATTEMPTS:
                     raise _no_answer(lease, exc, unsent) from exc
                 log.debug("'%s' refused a connection (%s); retrying", lease.spec.name, exc)

@@ -41,7 +41,7 @@ from dynllm.errors import (
     UnsupportedMediaType,
     WrongModelType,
 )
-from dynllm.proxy import Finish, forward, send_json_payload
+from dynllm.proxy import Answer, BackendGone, Finish, forward, send_json_payload
 
 if TYPE_CHECKING:
     from dynllm.app import Services
@@ -205,17 +205,8 @@ async def dispatch(
         body = incoming.to_backend(upstream)
         # From here on a client that leaves cancels this task, wherever it waits.
         watch = ClientWatch(receive, finish)
-        lease = await services.scheduler.acquire(spec)
-        answer = await forward(
-            services.client,
-            lease,
-            scope["method"],
-            path,
-            body,
-            scope["headers"],
-            scope.get("query_string", b""),
-            content_type=incoming.content_type,
-            shape=route.shape,
+        answer = await lease_and_forward(
+            services, spec, scope, path, body, incoming.content_type, route.shape
         )
         await answer.send_to(send, finish)
     except bodies.ClientGone:
@@ -239,6 +230,40 @@ async def dispatch(
             watch.close()
         if incoming is not None:
             incoming.close()
+
+
+async def lease_and_forward(
+    services: Services,
+    spec: ModelConfig,
+    scope: Scope,
+    path: str,
+    body: bytes | bodies.Spool | None,
+    content_type: str | None,
+    shape: Shape,
+) -> Answer:
+    """Take a lease and send the request.  A request that could not be sent
+    because the backend had just died (a crash a moment before, maybe not yet
+    noticed by the scheduler) goes, once, to a restarted backend instead of
+    failing with a 502; one that may have reached a backend is never re-sent."""
+    lease = await services.scheduler.acquire(spec)
+    for tries_left in (1, 0):
+        try:
+            return await forward(
+                services.client,
+                lease,
+                scope["method"],
+                path,
+                body,
+                scope["headers"],
+                scope.get("query_string", b""),
+                content_type=content_type,
+                shape=shape,
+            )
+        except BackendGone:  # forward released the lease
+            if not tries_left:
+                raise
+            lease = await services.scheduler.replace(lease)
+    raise AssertionError("unreachable")
 
 
 async def _reply_error(
