@@ -27,6 +27,8 @@ async def test_admin_view_load_unload_and_logs(make_config: ConfigFactory) -> No
         assert set(admin) == {"A", "B"}
         assert admin["A"]["status"] == "unloaded" and admin["A"]["pinned"] is True
         assert admin["A"]["unload_after_seconds"] is None
+        # No failed loads: no cooldown (tests/test_crash_and_retry.py fills these in).
+        assert admin["A"]["consecutive_failures"] == 0 and admin["A"]["cooldown_until"] is None
 
         r = await app.client.post("/admin/models/load", content=b'{"model": "A"}')
         assert r.status_code == 415  # no JSON content type: a cross-origin simple request

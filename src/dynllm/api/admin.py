@@ -97,9 +97,14 @@ async def _model_request(request: Request) -> ModelRequest:
 
 @router.post("/admin/models/load", openapi_extra=_MODEL_BODY)
 async def admin_load(request: Request) -> dict[str, Any]:
+    """Load a model now.  A model cooling down after failed loads is refused
+    like any request (503 + Retry-After) unless ``force``: an admin who fixed
+    the cause need not wait out the cooldown."""
     services = _services(request)
     body = await _model_request(request)
     spec = services.registry.get(body.model)
+    if body.force:
+        services.scheduler.clear_cooldown(spec)
     lease = await services.scheduler.acquire(spec)
     lease.release()
     return {"model": spec.name, "loaded": True, **_model_view(services, spec)}
