@@ -533,6 +533,10 @@ OOM_LINES = {
     "llama.cpp alloc": "alloc_tensor_range: failed to allocate CUDA0 buffer of size 151851674624",
     "llama.cpp load": "llama_model_load: error loading model: unable to allocate CUDA0 buffer",
     "llama.cpp Vulkan": "ggml_vulkan: vk::Device::allocateMemory: ErrorOutOfDeviceMemory",
+    # The real llama-server of the dev dependencies, asked for a 200M-token
+    # context under a 4 GB address-space limit:
+    "llama.cpp host": "0.06.430.870 E llama_init_from_model: failed to initialize the context: "
+    "std::bad_alloc",
     "CUDA": "RuntimeError: CUDA error: out of memory",
     "torch": "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB.",
     "vLLM cache": "ValueError: No available memory for the cache blocks. Try increasing "

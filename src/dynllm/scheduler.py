@@ -86,10 +86,13 @@ reported yet (it first collects the process's last output, up to ~1 s)."""
 # CUDA0 buffer", "ggml_backend_cuda_buffer_type_alloc_buffer: allocating ...
 # cudaMalloc failed", Vulkan's ErrorOutOfDeviceMemory) and vLLM ("No available
 # memory for the cache blocks", "Free memory on device ... is less than desired
-# GPU memory utilization").  llama.cpp's "failed to allocate ... pinned memory"
-# is a warning it survives, so it does not count.
+# GPU memory utilization"), and C++'s std::bad_alloc (llama.cpp out of host
+# memory: "failed to initialize the context: std::bad_alloc").  llama.cpp's
+# "failed to allocate ... pinned memory" is a warning it survives, so it does
+# not count.
 _OUT_OF_MEMORY = re.compile(
     r"out of memory|outofmemoryerror|erroroutofdevicememory|cudamalloc failed|hipmalloc failed"
+    r"|std::bad_alloc"
     r"|(?:failed|unable) to allocate(?!.*pinned memory)"
     r"|no available memory for the cache blocks|less than desired gpu memory utilization",
     re.IGNORECASE,
