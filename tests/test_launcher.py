@@ -169,3 +169,29 @@ async def test_port_owner_check_can_be_turned_off_for_a_port_held_by_design(
             await effects.stop(handle)
     finally:
         stop(holder)
+
+
+async def test_a_cancel_during_the_stop_of_a_failed_load_waits_for_the_process(
+    make_config: ConfigFactory, probe: httpx.AsyncClient
+) -> None:
+    """A load times out; while its backend (ignoring SIGTERM) is being
+    stopped, the load is cancelled (an admin unload, shutdown).  ``start``
+    must not give up before the process is gone: the scheduler books its
+    VRAM and port free the moment ``start`` raises."""
+    grace = 1.0
+    config = make_config(
+        [{"name": "A", "extra_args": ["--fake-never-ready", "--fake-ignore-sigterm"],
+          "load_timeout_seconds": 0.3}],
+        stop_timeout_seconds=grace,
+    )  # fmt: skip
+    effects = ProcessEffects(config, instance_marker(config), probe)
+    start = asyncio.create_task(effects.start(config.models[0], free_port(), lambda h: None))
+    await apoll(lambda: "A" in effects.processes, timeout=15)
+    process = effects.processes["A"]
+    await apoll(lambda: process.state.value == "stopping", timeout=15)  # timed out, stopping
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    print(f"start raised with the process exit code {process.returncode}")
+    assert process.returncode is not None  # gone (SIGKILLed after the grace) before it raised
+    assert process.exited.is_set()

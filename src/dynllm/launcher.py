@@ -79,12 +79,29 @@ class ProcessEffects:
                 port,
                 spec.name,
             )
-            await asyncio.shield(process.stop(self.config.stop_timeout_seconds))
+            await self._stop_before_raising(process)
             raise PortTaken(port) from exc
         except BaseException:
-            await asyncio.shield(process.stop(self.config.stop_timeout_seconds))
+            await self._stop_before_raising(process)
             raise
         return process
+
+    async def _stop_before_raising(self, process: BackendProcess) -> None:
+        """Stop a backend whose load failed, to the end even if this task is
+        cancelled meanwhile (an admin unload or shutdown during the stop): the
+        scheduler books its VRAM and port free as soon as ``start`` raises, so
+        ``start`` must not raise while the process still runs.  A cancel that
+        came during the stop is raised once the process is gone."""
+        stopping = asyncio.ensure_future(process.stop(self.config.stop_timeout_seconds))
+        cancelled = False
+        while not stopping.done():
+            try:
+                await asyncio.shield(stopping)
+            except asyncio.CancelledError:
+                cancelled = True
+        stopping.result()
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def stop(self, handle: Handle) -> None:
         assert isinstance(handle, BackendProcess)

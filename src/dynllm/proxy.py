@@ -33,7 +33,7 @@ from starlette.types import Send
 
 from dynllm.api.bodies import Spool
 from dynllm.config import Config
-from dynllm.errors import BackendError, MidStreamFailure, Shape, from_backend
+from dynllm.errors import BackendError, BadRequest, MidStreamFailure, Shape, from_backend
 from dynllm.scheduler import Lease
 
 log = logging.getLogger("dynllm.proxy")
@@ -307,6 +307,12 @@ async def forward(
                 log.debug("'%s' refused a connection (%s); retrying", lease.spec.name, exc)
                 await asyncio.sleep(0.05 * attempt)
                 continue
+            except ValueError:  # after ClientError: aiohttp's InvalidURL is both
+                # aiohttp refuses a control character in a header before sending
+                # anything (httptools rejects them first; other ASGI servers do not).
+                raise BadRequest(
+                    "A request header holds a control character; it cannot be forwarded"
+                ) from None
             if upstream.status < 400:
                 return UpstreamResponse(upstream, lease)
             return await _error_answer(upstream, lease, shape)
