@@ -209,3 +209,25 @@ def test_a_program_under_home_is_expanded_as_it_is_checked(monkeypatch: Any) -> 
         "9123",
     ]
     assert "'~/bin/llama-server'" in str(missing_binary(config, config.models[0]))
+
+
+def test_a_model_name_in_a_backend_url_is_escaped() -> None:
+    """A '?' would start the query, a '#' cut the path, a '%' start an
+    escape; '/' (names like org/model) stays a path separator."""
+    odd = "org/m%1?v#2 x"
+    escaped = "org/m%251%3Fv%232%20x"
+    ovms = config_with(name=odd, backend="openvino", model_type="classification").models[0]
+    adapter = adapter_for(ovms)
+    assert adapter.upstream_path(ovms, ApiFamily.KSERVE) == f"/v2/models/{escaped}"
+    assert adapter.probe(ovms) == f"/v2/models/{escaped}/ready"
+    command = config_with(
+        name=odd, backend="command", command=["srv"], path="", model_type="classification",
+        health_path="/v2/models/{name}/ready", upstream_paths={"kserve": "/api/{name}"},
+    ).models[0]  # fmt: skip
+    adapter = adapter_for(command)
+    assert adapter.probe(command) == f"/v2/models/{escaped}/ready"
+    assert adapter.upstream_path(command, ApiFamily.KSERVE) == f"/api/{escaped}"
+    plain = config_with(
+        name=odd, backend="command", command=["srv"], path="", model_type="classification"
+    ).models[0]
+    assert adapter_for(plain).upstream_path(plain, ApiFamily.KSERVE) == f"/v2/models/{escaped}"

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 from dynllm.config import BackendName, ModelConfig
 from dynllm.ports import BACKEND_HOST
@@ -49,6 +50,12 @@ class Adapter:
 
     def argv(self, launch: Launch) -> list[str]:
         raise NotImplementedError
+
+    @staticmethod
+    def in_url(name: str) -> str:
+        """A model name as a URL path part: '%', '?', '#' and the like escaped
+        (a '?' would start the query, a '#' cut the path), '/' kept."""
+        return quote(name, safe="/")
 
     def probe(self, model: ModelConfig) -> str:
         """Path that answers 200 only once requests will succeed."""

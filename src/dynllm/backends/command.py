@@ -79,16 +79,16 @@ class Command(Adapter):
         return argv
 
     def probe(self, model: ModelConfig) -> str:
-        return substitute(model.health_path, {"name": model.name})
+        return substitute(model.health_path, {"name": self.in_url(model.name)})
 
     def upstream_path(self, model: ModelConfig, family: ApiFamily) -> str | None:
         if family not in SERVES[model.model_type]:
             return None
         override = model.upstream_paths.get(family.value)
         if override is not None:
-            return substitute(override, {"name": model.name})
+            return substitute(override, {"name": self.in_url(model.name)})
         if family is ApiFamily.KSERVE:
-            return KSERVE_PREFIX + model.name
+            return KSERVE_PREFIX + self.in_url(model.name)
         return OPENAI_PATHS.get(family.value)
 
     def rewrite_model(self, model: ModelConfig, launch_path: Path) -> str | None:

@@ -53,7 +53,7 @@ class Ovms(Adapter):
 
     def upstream_path(self, model: ModelConfig, family: ApiFamily) -> str | None:
         if family is ApiFamily.KSERVE:  # the prefix for /v2/models/{name}[...]
-            return None if model.model_type in TASKS else f"/v2/models/{model.name}"
+            return None if model.model_type in TASKS else f"/v2/models/{self.in_url(model.name)}"
         return self.routes.get(family)
 
     def rewrite_model(self, model: ModelConfig, launch_path: Path) -> str | None:
@@ -62,4 +62,4 @@ class Ovms(Adapter):
     def probe(self, model: ModelConfig) -> str:
         # /v2/health/ready only says the config is parsed; the model-level
         # endpoint is the one that guarantees requests will be served.
-        return f"/v2/models/{model.name}/ready"
+        return f"/v2/models/{self.in_url(model.name)}/ready"
