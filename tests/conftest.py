@@ -171,11 +171,21 @@ def register_marker(config: Config) -> None:
 
 
 class RunningApp:
-    def __init__(self, config: Config, base_url: str, app: Any) -> None:
+    def __init__(self, config: Config, base_url: str, app: Any, server: uvicorn.Server) -> None:
         self.config = config
         self.base_url = base_url
         self.app = app
+        self.server = server
         self.client = httpx.AsyncClient(base_url=base_url, timeout=60, trust_env=False)
+
+    @property
+    def port(self) -> int:
+        return self.config.server.port
+
+    @property
+    def limits(self) -> Any:
+        """The connection limits of dynllm.server's protocol (its counters)."""
+        return self.server.config.http_protocol_class.limits  # type: ignore[attr-defined]
 
     @property
     def services(self) -> Any:
@@ -210,7 +220,7 @@ async def serve(config: Config) -> AsyncIterator[RunningApp]:
         if task.done():
             task.result()
             raise RuntimeError("dynllm did not start")
-        running = RunningApp(config, f"http://127.0.0.1:{config.server.port}", app)
+        running = RunningApp(config, f"http://127.0.0.1:{config.server.port}", app, server)
         try:
             yield running
         finally:

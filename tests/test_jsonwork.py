@@ -31,7 +31,7 @@ from dynllm.errors import DynllmError
 from dynllm.registry import ApiFamily
 from tests.conftest import ConfigFactory, apoll, poll, serve
 from tests.test_dispatch import fake_model
-from tests.test_server import JSON_TYPE, serve_limited
+from tests.test_server import JSON_TYPE
 
 POLLER = Path(__file__).parent / "support" / "health_poller.py"
 MB = 1 << 20
@@ -253,7 +253,7 @@ async def test_a_helper_that_dies_gives_a_clear_503_and_is_replaced(
     request gets a 503 saying so, and the next large body gets a new helper."""
     config = make_config([fake_model("m")], enabled_backends=["llamacpp", "command"])
     async with (
-        serve_limited(config) as app,
+        serve(config) as app,
         httpx.AsyncClient(base_url=app.base_url, timeout=60, trust_env=False) as client,
     ):
         worker = app.services.json_worker
@@ -283,7 +283,7 @@ async def test_concurrent_large_bodies_share_one_helper(make_config: ConfigFacto
     helper (the parse memory is one body's, not four); each gets its answer."""
     config = make_config([fake_model("m")], enabled_backends=["llamacpp", "command"])
     async with (
-        serve_limited(config) as app,
+        serve(config) as app,
         httpx.AsyncClient(base_url=app.base_url, timeout=120, trust_env=False) as client,
     ):
         helpers: set[int] = set()

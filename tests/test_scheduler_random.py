@@ -58,6 +58,7 @@ from dynllm.errors import (
     ModelBusy,
     Unavailable,
 )
+from dynllm.launcher import run_to_the_end
 from dynllm.scheduler import Handle, Lease, ModelState, PortTaken, Scheduler
 from tests.support.net import free_port_range
 
@@ -172,15 +173,7 @@ class World:
             # is not reported yet is, and its report comes later.
             return proc
         if outcome == "timeout":  # stop it, then report; a cancel meanwhile waits for the stop
-            stopping = asyncio.ensure_future(self.stop(proc))
-            cancelled = False
-            while not stopping.done():
-                try:
-                    await asyncio.shield(stopping)
-                except asyncio.CancelledError:
-                    cancelled = True
-            if cancelled:
-                raise asyncio.CancelledError
+            await run_to_the_end(self.stop(proc))
             raise LoadTimeout(f"backend for '{spec.name}' was not ready in time")
         if proc.alive:  # it fails on its own: prints its last words, exits
             proc.output.append(OOM_LINE if outcome == "oom" else "error: cannot open model file")

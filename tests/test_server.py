@@ -12,64 +12,19 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from dynllm.app import create_app
 from dynllm.config import Config
-from dynllm.server import Limits, uvicorn_config
-from tests.conftest import ConfigFactory, apoll, register_marker
+from tests.conftest import ConfigFactory, apoll, serve
 from tests.test_dispatch import fake_model
 
 HEADER_TIMEOUT = 1.0
 BODY_IDLE = 0.5
 SLACK = 0.6  # timer and scheduling delay allowed past a timeout on a busy 2-core machine
 JSON_TYPE = {"content-type": "application/json"}
-
-
-@dataclass
-class Served:
-    config: Config
-    base_url: str
-    limits: Limits
-    app: Any
-
-    @property
-    def services(self) -> Any:
-        return self.app.state.services
-
-    @property
-    def port(self) -> int:
-        return self.config.server.port
-
-
-@asynccontextmanager
-async def serve_limited(config: Config) -> AsyncIterator[Served]:
-    """dynllm in this event loop on a real socket, its server made by
-    ``uvicorn_config`` (the limits' protocol), with its lifespan."""
-    register_marker(config)
-    app = create_app(config)
-    server = uvicorn.Server(
-        uvicorn_config(app, config, log_level="warning", timeout_graceful_shutdown=5)
-    )
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve())
-    try:
-        await apoll(lambda: server.started or task.done(), timeout=30)
-        if task.done():
-            task.result()
-            raise RuntimeError("dynllm did not start")
-        limits = server.config.http_protocol_class.limits  # type: ignore[attr-defined]
-        yield Served(config, f"http://127.0.0.1:{config.server.port}", limits, app)
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=30)
 
 
 def limited_config(make_config: ConfigFactory, **top: Any) -> Config:
@@ -143,7 +98,7 @@ async def test_headers_sent_a_byte_at_a_time_are_cut_at_the_header_timeout(
 ) -> None:
     """A slowloris client (one byte every 0.2 s, never finishing) and one
     that connects and sends nothing are both dropped at header_timeout."""
-    async with serve_limited(limited_config(make_config)) as app:
+    async with serve(limited_config(make_config)) as app:
         endless = request_head("GET", "/health", app.port)[:-4] + b"\r\nX-Pad: " + b"a" * 1000
         slow, silent = await Raw.open(app.port), await Raw.open(app.port)
         start = time.monotonic()
@@ -166,7 +121,7 @@ async def test_one_byte_a_second_is_dropped_at_10_s_by_default(make_config: Conf
     """The issue's figure, at the default header_timeout_seconds."""
     config = make_config([fake_model("m")], enabled_backends=["llamacpp", "command"])
     assert config.header_timeout_seconds == 10
-    async with serve_limited(config) as app:
+    async with serve(config) as app:
         raw = await Raw.open(app.port)
         start = time.monotonic()
         endless = request_head("GET", "/health", app.port)[:-4] + b"\r\nX-Pad: " + b"a" * 100
@@ -183,7 +138,7 @@ async def test_keep_alive_requests_have_their_own_header_clock(
 ) -> None:
     """Idle keep-alive time between requests is not header time; a later
     request's clock starts at its first byte, and it is cut like the first."""
-    async with serve_limited(limited_config(make_config)) as app:
+    async with serve(limited_config(make_config)) as app:
         raw = await Raw.open(app.port)
         head = request_head("GET", "/health", app.port)
         await raw.send(head)
@@ -214,7 +169,7 @@ async def test_keep_alive_requests_have_their_own_header_clock(
 async def test_a_stalled_body_gets_408_in_the_route_shape(
     make_config: ConfigFactory, path: str, kserve: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with serve_limited(limited_config(make_config)) as app:
+    async with serve(limited_config(make_config)) as app:
         # uvicorn's loggers do not propagate to the root logger caplog listens
         # on, and its logging setup (in serve_limited) drops earlier handlers.
         logging.getLogger("uvicorn.error").addHandler(caplog.handler)
@@ -242,7 +197,7 @@ async def test_a_stalled_body_gets_408_in_the_route_shape(
 async def test_an_upload_that_keeps_moving_is_never_cut(make_config: ConfigFactory) -> None:
     """A body sent in pieces 0.2 s apart (under the 0.5 s idle timeout) for
     ~3 s, six times the timeout, is served."""
-    async with serve_limited(limited_config(make_config)) as app:
+    async with serve(limited_config(make_config)) as app:
         body = chat_body(padding="x" * 40)
         pieces = 15
         size = -(-len(body) // pieces)
@@ -267,7 +222,7 @@ async def test_waiting_for_an_answer_and_a_long_stream_are_never_cut(
     """The body clock stops at the body's end: a 1.5 s wait for the answer
     and a 2 s stream (3 to 4 times the idle timeout) complete."""
     async with (
-        serve_limited(limited_config(make_config)) as app,
+        serve(limited_config(make_config)) as app,
         httpx.AsyncClient(base_url=app.base_url, timeout=30, trust_env=False) as client,
     ):
         start = time.monotonic()
@@ -303,7 +258,7 @@ async def test_connections_beyond_max_connections_get_503_in_the_route_shape(
     the KServe shape on /v2) and is closed; once one closes, a new one is
     served, and the stream is never disturbed."""
     async with (
-        serve_limited(limited_config(make_config, max_connections=2)) as app,
+        serve(limited_config(make_config, max_connections=2)) as app,
         httpx.AsyncClient(base_url=app.base_url, timeout=30, trust_env=False) as streamer,
     ):
         events: list[str] = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import httpx
 
@@ -25,6 +25,22 @@ from dynllm.scheduler import Handle, PortTaken
 from dynllm.supervisor import BackendProcess, PortHeldElsewhere
 
 log = logging.getLogger("dynllm.launcher")
+
+
+async def run_to_the_end(work: Awaitable[None]) -> None:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile;
+    a cancel that came is raised once the work is done (``asyncio.shield``
+    alone would let the caller go on while the work still runs)."""
+    task = asyncio.ensure_future(work)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancelled = True
+    task.result()
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 class ProcessEffects:
@@ -92,16 +108,7 @@ class ProcessEffects:
         scheduler books its VRAM and port free as soon as ``start`` raises, so
         ``start`` must not raise while the process still runs.  A cancel that
         came during the stop is raised once the process is gone."""
-        stopping = asyncio.ensure_future(process.stop(self.config.stop_timeout_seconds))
-        cancelled = False
-        while not stopping.done():
-            try:
-                await asyncio.shield(stopping)
-            except asyncio.CancelledError:
-                cancelled = True
-        stopping.result()
-        if cancelled:
-            raise asyncio.CancelledError
+        await run_to_the_end(process.stop(self.config.stop_timeout_seconds))
 
     async def stop(self, handle: Handle) -> None:
         assert isinstance(handle, BackendProcess)
