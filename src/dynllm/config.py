@@ -212,6 +212,12 @@ class ModelConfig(_Strict):
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     aliases: list[str] = Field(default_factory=list)
+    hidden: bool = False
+    """Kept out of /v1/models (still served by name)."""
+    max_concurrent_requests: Annotated[int, Field(ge=1)] | None = None
+    """Requests served at once; beyond them requests queue (max_queued_requests)."""
+    max_queued_requests: NonNegInt | None = None
+    """Requests waiting for this model; beyond them 429 with Retry-After."""
 
     @model_validator(mode="after")
     def _backend_needs(self) -> ModelConfig:
@@ -298,6 +304,15 @@ class Config(_Strict):
     load_failure_cooldown_seconds: NonNegFloat = 5
     """After a failed load, the first wait before the next try (doubles per failure; 0: off)."""
     load_failure_cooldown_max_seconds: NonNegFloat = 300
+    log_format: Literal["text", "json"] = "text"
+    """One line per record: human text, or one JSON object (for log shippers)."""
+    backend_log_level: LogLevel = "info"
+    """The level backends' output is logged at, tagged by model."""
+    loading_progress: bool = True
+    """SSE comment lines (``: loading MODEL 3.2s``) once a second while a
+    streaming request waits for a cold model."""
+    list_aliases: bool = True
+    """/v1/models lists each alias as its own entry."""
 
     # Where relative paths are resolved from (the config file's folder).
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
