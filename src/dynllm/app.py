@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from dynllm import __version__
+from dynllm.admission import Admission
 from dynllm.api import admin, kserve, openai, routes
 from dynllm.api.access import Access, is_loopback
 from dynllm.api.cors import Cors, is_preflight
@@ -40,6 +41,7 @@ from dynllm.errors import DynllmError, Forbidden, Shape, error_body, invalid_req
 from dynllm.launcher import ProcessEffects
 from dynllm.proxy import make_client
 from dynllm.registry import ApiFamily, Registry
+from dynllm.requestlog import RequestSink, default_sinks
 from dynllm.scheduler import Scheduler
 from dynllm.store import Store
 
@@ -57,6 +59,10 @@ class Services:
     started_at: float = field(default_factory=time.time)
     json_worker: JsonWorker = field(default_factory=JsonWorker)
     """Parses JSON bodies too large for the event loop (no process until the first)."""
+    request_sinks: list[RequestSink] = field(default_factory=default_sinks)
+    """Called with each finished request's record (requestlog); the log line is the first."""
+    admission: Admission = field(default_factory=Admission)
+    """Per-model max_concurrent_requests / max_queued_requests gates."""
     upstreams: dict[tuple[str, ApiFamily], Upstream] = field(init=False)
     json_limit: int = field(init=False)
     upload_limit: int = field(init=False)

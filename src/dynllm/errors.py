@@ -27,7 +27,8 @@
     │   ├── ShuttingDown             503     unavailable_error        shutting_down
     │   ├── CoolingDown              503     unavailable_error        load_cooldown (+Retry-After)
     │   └── TooManyConnections       503     unavailable_error        too_many_connections
-    └── LoadTimeout                  504     timeout_error            load_timeout
+    ├── LoadTimeout                  504     timeout_error            load_timeout
+    └── TooManyRequests              429     rate_limit_error         too_many_requests +Retry-After
 
 Each class maps once to an HTTP status and, through ``render``, to the
 error shape of the route that failed: the OpenAI body
@@ -241,6 +242,18 @@ class LoadTimeout(DynllmError):
     status = 504
     type = "timeout_error"
     code = "load_timeout"
+
+
+class TooManyRequests(DynllmError):
+    """A model's ``max_concurrent_requests`` are busy and its
+    ``max_queued_requests`` already wait: refused at once, to be retried."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "too_many_requests"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class BackendAnswer(DynllmError):
