@@ -30,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from dynllm import __version__
 from dynllm.admission import Admission
-from dynllm.api import admin, kserve, openai, routes
+from dynllm.api import admin, kserve, openai, routes, ui
 from dynllm.api.access import Access, is_loopback
 from dynllm.api.cors import Cors, is_preflight
 from dynllm.api.dispatch import dispatch, send_error
@@ -231,6 +231,7 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
     openai.install(app)
     kserve.install(app)
     admin.install(app)
+    ui.install(app)
     return Front(app, Access(config), Cors.from_config(config.cors_origins))
 
 

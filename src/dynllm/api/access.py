@@ -3,7 +3,8 @@
 Every HTTP request passes ``Access.check`` in the front, before any handler.
 Routes fall in three classes, decided by path alone:
 
-    public     /health, /v2/health/live, /v2/health/ready   never need a key
+    public     /health, /v2/health/live, /v2/health/ready,  never need a key
+               /, /ui and /ui/NAME (the dashboard's files)
     admin      /admin/...                                    an admin key; with none
                                                              configured, loopback clients only
     inference  everything else (the /v1 and /v2 APIs,        a key when any key is configured
@@ -44,7 +45,10 @@ from dynllm.errors import (
     UnsupportedMediaType,
 )
 
-PUBLIC_PATHS = frozenset({"/health", "/v2/health/live", "/v2/health/ready"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/v2/health/live", "/v2/health/ready"})
+# The dashboard's page and files: no data in them (it comes from admin routes,
+# with the key the user types), and a browser's navigation sends no key.
+UI_PREFIX = "/ui"
 ADMIN_PREFIX = "/admin"
 REMOTE_ADMIN_HINT = (
     "Admin routes answer only clients on this machine while no admin key is set; "
@@ -61,11 +65,20 @@ class RouteClass(Enum):
 
 
 def classify(path: str) -> RouteClass:
-    if path in PUBLIC_PATHS:
+    if path in PUBLIC_PATHS or is_ui_file(path):
         return RouteClass.PUBLIC
     if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
         return RouteClass.ADMIN
     return RouteClass.INFERENCE
+
+
+def is_ui_file(path: str) -> bool:
+    """``/ui`` or ``/ui/NAME``: no deeper path is public, so no spelling of
+    ``/ui/../admin`` could ever reach another route as public."""
+    if path == UI_PREFIX:
+        return True
+    name = path.removeprefix(UI_PREFIX + "/")
+    return name != path and "/" not in name and ".." not in name
 
 
 def is_loopback(host: str) -> bool:

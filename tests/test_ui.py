@@ -1,0 +1,488 @@
+"""The dashboard at /ui: its files as served, and the page driven in a real
+headless Chromium (Debian's ``chromium`` + ``chromium-driver``, through
+selenium) against a running dynllm with admin keys.
+
+The browser test needs both Debian packages.  Without them it is skipped,
+loudly (the reason is repeated in pytest's summary); under CI (``CI=true``)
+it fails instead, because .ci/run installs them.
+
+``DYNLLM_UPDATE_SCREENSHOT=1`` also writes the screenshot to
+docs/dashboard.png (the one the README shows); otherwise it goes to the
+test's tmp folder only, so a test run never changes a committed file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dynllm.app import create_app
+from tests import conftest
+from tests.conftest import ConfigFactory, RunningApp, serve
+from tests.support import envs
+
+ADMIN = "admin-key-for-the-dashboard"
+API = "inference-key-for-the-dashboard"
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+WINDOW = (1280, 800)
+# Longest wait for the page to show a change: the page polls every 2 s, and a
+# fake backend loads in ~0.1 s; the rest is slack for a loaded machine.
+UI_DEADLINE = 20.0
+
+
+def _models() -> list[dict[str, Any]]:
+    return [
+        {"name": "chat", "vram_mb": 3000, "aliases": ["gpt-4o-mini"]},
+        {"name": "coder", "vram_mb": 2500, "extra_args": ["--fake-token-rate", "4"]},
+        {"name": "broken", "vram_mb": 1500, "extra_args": ["--fake-exit-during-load", "3"]},
+        {"name": "embed", "vram_mb": 600, "model_type": "embedding"},
+    ]
+
+
+# ---------------------------------------------------------------- the files
+
+
+async def test_ui_files_are_public_typed_and_nothing_else(make_config: ConfigFactory) -> None:
+    config = make_config([{"name": "m"}], api_keys=[API], admin_api_keys=[ADMIN])
+    async with serve(config) as app:
+        client = app.client
+        page = await client.get("/ui")  # no key: a browser's navigation sends none
+        assert page.status_code == 200, page.text
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert "<title>dynllm dashboard</title>" in page.text
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "connect-src 'self'" in csp
+        assert page.headers["x-content-type-options"] == "nosniff"
+        for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+            asset = await client.get(f"/ui/{name}")
+            assert asset.status_code == 200, name
+            assert asset.headers["content-type"] == f"{kind}; charset=utf-8"
+            assert f"/ui/{name}" in page.text  # the page names each file it needs
+
+        root = await client.get("/", follow_redirects=False)
+        assert root.status_code == 307 and root.headers["location"] == "/ui"
+        # The data behind the page still needs the admin key.
+        assert (await client.get("/admin/models")).status_code == 401
+        headers = {"Authorization": f"Bearer {API}"}
+        assert (await client.get("/admin/models", headers=headers)).status_code == 403
+
+        # Only the dashboard's own files, by exact name: no path reaches
+        # anything else, however it is spelled (sent byte for byte: an HTTP
+        # client would tidy the dots away).
+        for raw in (
+            "/ui/nothing.js",
+            "/ui/__init__.py",
+            "/ui/../pyproject.toml",
+            "/ui/../admin/models",
+            "/ui/%2e%2e/pyproject.toml",
+            "/ui/%2e%2e%2fpyproject.toml",
+            "/ui/..%2f..%2fpyproject.toml",
+            "/ui/%2fetc%2fpasswd",
+            "/ui//etc/passwd",
+            "/ui/app.js%00.css",
+            "/ui/..",
+            "/ui/./app.js/..",
+        ):
+            without_key = await _raw_get(app, raw)
+            with_key = await _raw_get(app, raw, f"Authorization: Bearer {ADMIN}")
+            print(f"GET {raw}: {without_key[0]} without a key, {with_key[0]} with the admin key")
+            assert with_key[0] == 404 and b'"not_found"' in with_key[1], (raw, with_key)
+            assert without_key[0] in (401, 404), (raw, without_key)
+            assert b"[project]" not in without_key[1] + with_key[1]
+            assert b'"models"' not in without_key[1] + with_key[1]
+
+
+async def _raw_get(app: RunningApp, target: str, *headers: str) -> tuple[int, bytes]:
+    """GET ``target`` exactly as written; (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", app.port)
+    try:
+        lines = [f"GET {target} HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *headers]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+# ---------------------------------------------------------------- the browser
+
+
+def _browser_or_skip() -> None:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
+    if not missing:
+        return
+    reason = (
+        f"dashboard browser test: {', '.join(missing)} not found; "
+        "install Debian's packages: apt-get install -y chromium chromium-driver"
+    )
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (.ci/run installs them: CI must run this test)")
+    envs.SKIPPED.append(reason)  # repeated, in red, at the end of pytest's summary
+    pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def chromium(profile: Path) -> Iterator[Any]:
+    """A headless Chromium driven by Debian's chromedriver (selenium-manager
+    is never asked: it would try to download a driver)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # runs as root here and in CI
+        "--disable-dev-shm-usage",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        "--force-device-scale-factor=1",
+        f"--user-data-dir={profile}",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-default-apps",
+        "--disable-sync",
+        "--lang=en-US",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        _viewport(driver, *WINDOW)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _viewport(driver: Any, width: int, height: int) -> None:
+    """The page's own size (--window-size counts the window's frame)."""
+    metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+
+
+def _wait(driver: Any, what: str, predicate: Any, timeout: float = UI_DEADLINE) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(
+        lambda d: predicate(d), message=f"the page did not show {what} within {timeout} s"
+    )
+
+
+def _card(driver: Any, model: str) -> Any:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.CSS_SELECTOR, f'article.model[data-model="{model}"]')
+
+
+def _state(driver: Any, model: str) -> str:
+    return str(_card(driver, model).get_attribute("data-state"))
+
+
+def _click(driver: Any, model: str, button: str) -> float:
+    from selenium.webdriver.common.by import By
+
+    _card(driver, model).find_element(By.CSS_SELECTOR, f"button.{button}").click()
+    return time.monotonic()
+
+
+def drive_dashboard(
+    app_url: str, profile: Path, shots: list[Path], events: bool, busy: Callable[[], None]
+) -> dict[str, Any]:
+    """The user's steps, in the browser (a thread: the server runs in the
+    test's loop).  ``busy()`` starts a long request to "coder" once it is loaded."""
+    from selenium.webdriver.common.by import By
+
+    figures: dict[str, Any] = {}
+    with chromium(profile) as driver:
+        started = time.monotonic()
+        driver.get(f"{app_url}/ui")
+        # No key yet: the server's 401 is shown in plain words.
+        notice = _wait(
+            driver,
+            "the missing-key notice",
+            lambda d: (
+                d.find_element(By.ID, "notice").is_displayed() and d.find_element(By.ID, "notice")
+            ),
+        )
+        assert "admin key" in notice.text and "401" in notice.text, notice.text
+        assert not driver.find_elements(By.CSS_SELECTOR, "article.model")
+
+        # A wrong key: refused, still no data.
+        driver.find_element(By.ID, "admin-key").send_keys(API)
+        driver.find_element(By.ID, "key-save").click()
+        _wait(
+            driver, "the wrong-key notice", lambda d: "403" in d.find_element(By.ID, "notice").text
+        )
+        assert not driver.find_elements(By.CSS_SELECTOR, "article.model")
+
+        driver.find_element(By.ID, "admin-key").send_keys(ADMIN)
+        driver.find_element(By.ID, "key-save").click()
+        names = _wait(
+            driver,
+            "the four models",
+            lambda d: (
+                [
+                    e.get_attribute("data-model")
+                    for e in d.find_elements(By.CSS_SELECTOR, "article.model")
+                ]
+                if len(d.find_elements(By.CSS_SELECTOR, "article.model")) == 4
+                else None
+            ),
+        )
+        figures["models listed after"] = time.monotonic() - started
+        assert names == ["chat", "coder", "broken", "embed"]
+        assert not driver.find_element(By.ID, "notice").is_displayed()
+        assert driver.execute_script("return sessionStorage.getItem('dynllm.adminKey')") == ADMIN
+        assert all(_state(driver, m) == "unloaded" for m in names)
+
+        # Load: the state becomes "loaded", the VRAM bar fills its share.
+        clicked = _click(driver, "chat", "load")
+        _wait(driver, "chat loaded", lambda d: _state(d, "chat") == "loaded")
+        figures["click load -> loaded shown (s)"] = time.monotonic() - clicked
+        card = _card(driver, "chat")
+        assert card.find_element(By.CSS_SELECTOR, ".state").text.lower() == "loaded"
+        assert card.find_element(By.CSS_SELECTOR, ".load-count").text == "1"
+        assert card.find_element(By.CSS_SELECTOR, ".process").text.startswith("pid ")
+        bar = card.find_element(By.CSS_SELECTOR, ".model-bar")
+        assert "38% of the 7.8 GB VRAM budget" in str(bar.get_attribute("aria-label"))
+        fill = card.find_element(By.CSS_SELECTOR, ".fill").size["width"]
+        assert abs(fill / bar.size["width"] - 3000 / 8000) < 0.02, (fill, bar.size["width"])
+        _wait(
+            driver,
+            "the budget text",
+            lambda d: "2.9 GB of 7.8 GB" in d.find_element(By.ID, "budget-used").text,
+        )
+
+        # Unload: back to "unloaded".
+        clicked = _click(driver, "chat", "unload")
+        _wait(driver, "chat unloaded", lambda d: _state(d, "chat") == "unloaded")
+        figures["click unload -> unloaded shown (s)"] = time.monotonic() - clicked
+
+        # A load that fails: its error and the cooldown show on the card.
+        _click(driver, "broken", "load")
+        error = _wait(
+            driver,
+            "the failed load's error",
+            lambda d: (
+                (
+                    e := _card(d, "broken").find_element(By.CSS_SELECTOR, ".last-error")
+                ).is_displayed()
+                and e
+            ),
+        )
+        assert "exited with code 3 while loading" in error.text, error.text
+        # The backend's last output is quoted in full once opened.
+        error.find_element(By.CSS_SELECTOR, "button.more").click()
+        assert "open" in str(error.get_attribute("class"))
+        assert "model file is corrupt" in error.text, error.text
+        error.find_element(By.CSS_SELECTOR, "button.more").click()  # closed again
+        load_now = _card(driver, "broken").find_element(By.CSS_SELECTOR, "button.load")
+        assert load_now.text == "Load now"  # it skips the cooldown (force)
+        cooldown = _card(driver, "broken").find_element(By.CSS_SELECTOR, ".cooldown")
+        assert cooldown.is_displayed() and "1 failed load" in cooldown.text, cooldown.text
+        message = _card(driver, "broken").find_element(By.CSS_SELECTOR, ".action-message")
+        assert "Load failed" in message.text, message.text
+
+        # Load two models for the picture, then open a log pane.
+        _click(driver, "chat", "load")
+        _click(driver, "coder", "load")
+        _wait(
+            driver,
+            "chat and coder loaded",
+            lambda d: _state(d, "chat") == _state(d, "coder") == "loaded",
+        )
+        busy()
+        _click(driver, "chat", "logs-toggle")
+        log = _wait(
+            driver,
+            "chat's log lines",
+            lambda d: (
+                "listening" in (t := _card(d, "chat").find_element(By.CSS_SELECTOR, ".log").text)
+                and t
+            ),
+        )
+        figures["log pane"] = (
+            _card(driver, "chat").find_element(By.CSS_SELECTOR, ".log-status").text
+        )
+        assert "starting: alias=" in log
+
+        feed = driver.find_element(By.ID, "events-status")
+        if events:
+            _wait(
+                driver,
+                "the live feed",
+                lambda d: d.find_element(By.ID, "events-status").text == "live",
+            )
+            _wait(
+                driver,
+                "chat's load in the event feed",
+                lambda d: any(
+                    "chat" in li.text and "loaded" in li.text
+                    for li in d.find_elements(By.CSS_SELECTOR, "#events li")
+                ),
+            )
+        else:
+            _wait(
+                driver,
+                "the missing feed",
+                lambda d: "unavailable" in d.find_element(By.ID, "events-status").text,
+            )
+        figures["event feed"] = feed.text
+        figures["in flight"] = _wait(
+            driver,
+            "coder's request in flight",
+            lambda d: (
+                _card(d, "coder").find_element(By.CSS_SELECTOR, ".in-flight").text == "1" and "1"
+            ),
+        )
+        driver.execute_script("window.scrollTo(0, 0)")
+        for shot in shots:
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            assert driver.save_screenshot(str(shot)), shot
+
+        # A narrow window (a phone): one column, nothing wider than the screen.
+        _viewport(driver, 390, 844)
+        _wait(
+            driver,
+            "the narrow layout",
+            lambda d: d.execute_script(
+                "const m = document.querySelector('.models-section').getBoundingClientRect();"
+                "const e = document.querySelector('.events-section').getBoundingClientRect();"
+                "return e.top >= m.bottom && document.documentElement.scrollWidth <= 390;"
+            ),
+        )
+        driver.save_screenshot(str(shots[0].with_name("dashboard-narrow.png")))
+    return figures
+
+
+async def _events_route_exists(app: RunningApp) -> bool:
+    """Whether this dynllm streams /admin/events yet (item 2 of issue 9)."""
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    async with app.client.stream("GET", "/admin/events", headers=headers) as response:
+        kind = response.headers.get("content-type", "")
+        return response.status_code == 200 and kind.startswith("text/event-stream")
+
+
+async def test_dashboard_in_headless_chromium(make_config: ConfigFactory, tmp_path: Path) -> None:
+    _browser_or_skip()
+    config = make_config(
+        _models(), api_keys=[API], admin_api_keys=[ADMIN], load_failure_cooldown_seconds=30
+    )
+    async with serve(config) as app:
+        events = await _events_route_exists(app)
+        shots = [tmp_path / "dashboard.png"]
+        if os.environ.get("DYNLLM_UPDATE_SCREENSHOT") == "1":
+            shots.append(SCREENSHOT)
+
+        async def slow_request() -> None:
+            # coder streams 4 tokens a second: in flight while the picture is taken.
+            body = {"model": "coder", "messages": [], "max_tokens": 400, "stream": True}
+            headers = {"Authorization": f"Bearer {API}"}
+            with contextlib.suppress(httpx.HTTPError):
+                async with app.client.stream(
+                    "POST", "/v1/chat/completions", json=body, headers=headers
+                ) as r:
+                    async for _ in r.aiter_bytes():
+                        pass
+
+        loop = asyncio.get_running_loop()
+        requests: list[asyncio.Task[None]] = []
+
+        def busy() -> None:
+            loop.call_soon_threadsafe(lambda: requests.append(loop.create_task(slow_request())))
+
+        try:
+            figures = await asyncio.to_thread(
+                drive_dashboard, app.base_url, tmp_path / "profile", shots, events, busy
+            )
+        finally:
+            for request in requests:
+                request.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await request
+    for name, value in figures.items():
+        print(f"{name}: {value}")
+    print(f"screenshot: {', '.join(map(str, shots))}")
+    assert shots[0].read_bytes().startswith(b"\x89PNG")
+
+
+class WithoutLiveRoutes:
+    """dynllm as it was before the live routes: ``/admin/events`` is a 404 and
+    ``/admin/models/{m}/logs`` ignores ``follow`` (a JSON tail)."""
+
+    def __init__(self, front: Any) -> None:
+        self.front = front
+        self.state = front.state
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/admin/events":
+            body = b'{"error":{"message":"Unknown route","type":"invalid_request_error"}}'
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 404, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if scope["type"] == "http" and scope["path"].endswith("/logs"):
+            scope = {**scope, "query_string": b""}
+        await self.front(scope, receive, send)
+
+
+def drive_without_live_routes(app_url: str, profile: Path) -> dict[str, str]:
+    from selenium.webdriver.common.by import By
+
+    with chromium(profile) as driver:
+        driver.get(f"{app_url}/ui")
+        driver.find_element(By.ID, "admin-key").send_keys(ADMIN)
+        driver.find_element(By.ID, "key-save").click()
+        _wait(driver, "the models", lambda d: d.find_elements(By.CSS_SELECTOR, "article.model"))
+        _click(driver, "chat", "load")
+        _wait(driver, "chat loaded", lambda d: _state(d, "chat") == "loaded")
+        feed = _wait(
+            driver,
+            "the missing feed",
+            lambda d: (
+                "live feed unavailable" in (t := d.find_element(By.ID, "events-status").text) and t
+            ),
+        )
+        assert "no event stream" in driver.find_element(By.ID, "events-empty").text
+        _click(driver, "chat", "logs-toggle")
+        log = _wait(
+            driver,
+            "chat's log lines",
+            lambda d: (
+                "listening" in (t := _card(d, "chat").find_element(By.CSS_SELECTOR, ".log").text)
+                and t
+            ),
+        )
+        assert "starting: alias=chat" in log
+        status = _card(driver, "chat").find_element(By.CSS_SELECTOR, ".log-status").text
+        assert status.startswith("live log unavailable"), status
+        # Still the page of a working dynllm: unloading works and shows.
+        _click(driver, "chat", "unload")
+        _wait(driver, "chat unloaded", lambda d: _state(d, "chat") == "unloaded")
+        return {"event feed": feed, "log pane": status}
+
+
+async def test_dashboard_without_the_live_routes(
+    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a dynllm without /admin/events and followed logs, the page says
+    so and keeps working (the log pane polls the last lines instead)."""
+    _browser_or_skip()
+    config = make_config(_models()[:1], admin_api_keys=[ADMIN])
+    monkeypatch.setattr(conftest, "create_app", lambda c: WithoutLiveRoutes(create_app(c)))
+    async with serve(config) as app:
+        figures = await asyncio.to_thread(drive_without_live_routes, app.base_url, tmp_path)
+    for name, value in figures.items():
+        print(f"{name}: {value}")
