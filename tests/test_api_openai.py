@@ -96,3 +96,64 @@ async def test_upstream_status_and_headers_pass_through(make_config: ConfigFacto
         assert ok.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
         assert "transfer-encoding" not in ok.headers or ok.headers["transfer-encoding"] == "chunked"
         assert ok.headers["content-length"] == str(len(ok.content))
+
+
+# ---- /v1/models ----------------------------------------------------------------------------
+
+
+async def test_models_lists_aliases_as_entries_and_leaves_hidden_models_out(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config([
+        {"name": "A", "aliases": ["a-chat", "gpt-4o-mini"]},
+        {"name": "secret", "aliases": ["s"], "hidden": True},
+        {"name": "emb", "model_type": "embedding"},
+    ])  # fmt: skip
+    async with serve(config) as app:
+        listed = (await app.client.get("/v1/models")).json()
+        assert listed["object"] == "list"
+        entries = {m["id"]: m for m in listed["data"]}
+        assert list(entries) == ["A", "a-chat", "gpt-4o-mini", "emb"]
+        assert entries["A"]["parent"] is None
+        assert entries["a-chat"]["parent"] == "A" and entries["gpt-4o-mini"]["parent"] == "A"
+        for entry in entries.values():
+            assert entry["object"] == "model" and entry["owned_by"] == "dynllm"
+        assert entries["a-chat"]["model_type"] == "llm"
+        assert entries["a-chat"]["aliases"] == ["a-chat", "gpt-4o-mini"]
+        # a hidden model is still served, and answers by name or alias
+        for name in ("secret", "s"):
+            one = await app.client.get(f"/v1/models/{name}")
+            assert one.status_code == 200 and one.json()["id"] == name
+        assert (await app.client.get("/v1/models/s")).json()["parent"] == "secret"
+        assert (await app.chat("s")).status_code == 200
+        alias = (await app.client.get("/v1/models/a-chat")).json()
+        assert alias["id"] == "a-chat" and alias["parent"] == "A"
+        assert (await app.client.get("/v1/models/nope")).status_code == 404
+
+
+async def test_list_aliases_false_lists_only_the_models(make_config: ConfigFactory) -> None:
+    config = make_config([{"name": "A", "aliases": ["a-chat"]}], list_aliases=False)
+    async with serve(config) as app:
+        listed = (await app.client.get("/v1/models")).json()["data"]
+        assert [m["id"] for m in listed] == ["A"]
+        assert (await app.client.get("/v1/models/a-chat")).json()["parent"] == "A"
+        assert (await app.chat("a-chat")).status_code == 200  # still served
+
+
+async def test_openai_client_lists_an_alias_and_chats_with_it(make_config: ConfigFactory) -> None:
+    import openai
+
+    config = make_config([{"name": "llama-3.2-3b-q4", "aliases": ["gpt-4o-mini"]}])
+    async with serve(config) as app:
+        client = openai.AsyncOpenAI(base_url=f"{app.base_url}/v1", api_key="unused", max_retries=0)
+        listed = [m async for m in client.models.list()]
+        alias = next(m for m in listed if m.id == "gpt-4o-mini")
+        assert alias.model_extra is not None and alias.model_extra["parent"] == "llama-3.2-3b-q4"
+        answer = await client.chat.completions.create(
+            model=alias.id, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        print(f"openai client via alias {alias.id!r}: {answer.choices[0].message.content!r}")
+        assert answer.choices[0].message.content == "tok0 tok1 tok2"
+        retrieved = await client.models.retrieve("gpt-4o-mini")
+        assert retrieved.id == "gpt-4o-mini"
+        await client.close()
