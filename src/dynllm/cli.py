@@ -1,24 +1,50 @@
-"""The ``dynllm`` command: parse arguments, load the config, run uvicorn."""
+"""The ``dynllm`` command: serve, check a config, or manage a running service.
+
+    dynllm [-c PATH] [--host H] [--port P] [--log-level L]    serve (no command)
+    dynllm serve ...                                          the same
+    dynllm check-config [PATH]  /  dynllm --check-config PATH
+    dynllm status | models | load M | unload M | logs M [-f] | reload
+    dynllm demo ...                                           dynllm.demo.main
+
+Exit status: 0 done; 1 the service answered an error or could not be
+reached (or, for ``serve``, could not start); 2 the config is invalid (or a
+``--host``/``--port``/``--log-level`` override is); 64 the command line is
+wrong (EX_USAGE from sysexits.h: argparse's own 2 would read as "invalid
+config").
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import resource
-import shlex
 import signal
 import sys
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, NoReturn
 
-from pydantic import ValidationError
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dynllm import __version__
-from dynllm.backends import adapter_for, command_line, missing_binary
-from dynllm.config import LOG_LEVELS, Config, ConfigError, LogLevel, load_config
+from dynllm.client import AdminClient, ClientError, Target, url_for
+from dynllm.config import LOG_LEVELS, Config, LogLevel, ServerConfig
+from dynllm.configcheck import check_config, load_or_exit
+from dynllm.logsetup import configure_logging, uvicorn_log_options
 
-EXIT_CONFIG = 2
+EXIT_OK = 0
 EXIT_STARTUP = 1  # e.g. the state file is held by another dynllm
+EXIT_SERVICE = 1  # the service answered an error, or could not be reached
+EXIT_CONFIG = 2
+EXIT_USAGE = 64  # EX_USAGE
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
+
+CLIENT_COMMANDS = ("status", "models", "load", "unload", "logs", "reload")
 
 
 class EnvSettings(BaseSettings):
@@ -31,6 +57,10 @@ class EnvSettings(BaseSettings):
     log_level: LogLevel | None = None
     api_keys: str | None = None  # comma-separated, added to the config's
     admin_api_keys: str | None = None
+    url: str | None = None
+    """The running service, for the client commands (default: from the config)."""
+    admin_api_key: str | None = None
+    """The key the client commands send (default: the first admin key known)."""
 
 
 def _env_settings() -> EnvSettings:
@@ -43,22 +73,91 @@ def _env_settings() -> EnvSettings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    env = _env_settings()
-    parser = argparse.ArgumentParser(
+class UsageParser(argparse.ArgumentParser):
+    """argparse with exit status 64 for a wrong command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _serve_options(parser: argparse.ArgumentParser, env: EnvSettings | None) -> None:
+    """On the top level (defaults from the environment) and on ``serve``
+    (defaults suppressed, so ``dynllm -c x serve`` keeps the top level's -c)."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if env is None else value
+
+    parser.add_argument("--config", "-c", type=Path, default=default(None),
+                        help="config file (default: $DYNLLM_CONFIG or ./config.yaml)")  # fmt: skip
+    # --port and --log-level are checked after parsing, like DYNLLM_PORT and
+    # DYNLLM_LOG_LEVEL: a wrong value overrides the config, so it is a config
+    # error (2), not a usage error.
+    parser.add_argument("--host", default=default(env and env.host), help="override server.host")
+    parser.add_argument("--port", default=default(env and env.port), help="override server.port")
+    parser.add_argument("--log-level", default=default(env and env.log_level), metavar="LEVEL",
+                        help=f"override log_level ({', '.join(LOG_LEVELS)})")  # fmt: skip
+
+
+def build_parser(env: EnvSettings) -> UsageParser:
+    parser = UsageParser(
         prog="dynllm",
         description="OpenAI-compatible proxy that starts and stops local inference backends.",
+        epilog="Without a command, dynllm serves. `dynllm COMMAND -h` describes a command.",
     )
-    parser.add_argument("--config", "-c", type=Path, default=env.config,
-                        help="config file (default: $DYNLLM_CONFIG or ./config.yaml)")  # fmt: skip
-    parser.add_argument("--host", default=env.host, help="override server.host")
-    parser.add_argument("--port", type=int, default=env.port, help="override server.port")
-    parser.add_argument("--log-level", default=env.log_level, type=str.lower, choices=LOG_LEVELS,
-                        help="override log_level")  # fmt: skip
-    parser.add_argument("--check-config", type=Path, metavar="PATH",
-                        help="validate PATH, print each model's command line, exit")  # fmt: skip
+    _serve_options(parser, env)
+    # Without PATH (`dynllm --check-config -c x`) the config -c names.
+    parser.add_argument("--check-config", nargs="?", const="", metavar="PATH",
+                        help="the same as `dynllm check-config [PATH]`")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"dynllm {__version__}")
-    return parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    _serve_options(commands.add_parser("serve", help="run the service (the default)"), None)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config, print each model's command line and what would go wrong",
+    )
+    check.add_argument("path", nargs="?", type=Path, help="the config (default: -c's)")
+    check.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS)
+
+    client = UsageParser(add_help=False)
+    client.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS,
+                        help="the config naming the service's address and admin key")  # fmt: skip
+    client.add_argument("--url", default=argparse.SUPPRESS,
+                        help="the service (default: $DYNLLM_URL, else the config's)")  # fmt: skip
+    client.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[client], help=help, description=help)
+
+    command("status", "the service and each model's state, port, pid and requests")
+    command("models", "the configured models: aliases, backend, type, VRAM, state")
+    load = command("load", "load a model now (waits until it is ready)")
+    load.add_argument("model")
+    load.add_argument("--force", action="store_true",
+                      help="load even while the model cools down after failed loads")  # fmt: skip
+    unload = command("unload", "unload a model")
+    unload.add_argument("model")
+    unload.add_argument("--force", action="store_true",
+                        help="stop it even while it serves requests (they fail)")  # fmt: skip
+    logs = command("logs", "a model's backend output")
+    logs.add_argument("model")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=200, help="recent lines (default 200)")
+    command("reload", "re-read the config file in the running service")
+
+    # Every word after `demo` is dynllm.demo's, options and --help included: with
+    # no prefix character that can occur in an argument, argparse sees no option.
+    demo = commands.add_parser(
+        "demo", add_help=False, prefix_chars="\0", help="start a first model and chat with it"
+    )
+    demo.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = _env_settings()
+    return build_parser(env).parse_args(argv)
 
 
 def raise_open_file_limit() -> None:
@@ -76,13 +175,37 @@ def _split_keys(text: str | None) -> list[str]:
     return [key.strip() for key in (text or "").split(",") if key.strip()]
 
 
+def _override_error(message: str) -> NoReturn:
+    print(f"dynllm: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG)
+
+
+def _port(value: str | int | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        _override_error(f"invalid --port {value!r}: not a number")
+    if not 1 <= port <= 65535:
+        _override_error(f"invalid --port {value!r}: a port is 1-65535")
+    return port
+
+
+def _log_level(value: str | None) -> str | None:
+    if value is None or value.lower() in LOG_LEVELS:
+        return None if value is None else value.lower()
+    _override_error(f"invalid --log-level {value!r}: one of {', '.join(LOG_LEVELS)}")
+
+
 def effective_config(config: Config, args: argparse.Namespace, env: EnvSettings) -> Config:
     """The config with what the command line and environment add or override:
     the listen address (so startup checks see the real one) and API keys."""
+    port = _port(args.port)
     server = config.server.model_copy(
         update={
             "host": args.host or config.server.host,
-            "port": config.server.port if args.port is None else args.port,
+            "port": config.server.port if port is None else port,
         }
     )
     return config.model_copy(
@@ -94,48 +217,19 @@ def effective_config(config: Config, args: argparse.Namespace, env: EnvSettings)
     )
 
 
-def _load_or_exit(path: Path) -> Config:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(f"dynllm: invalid config {path}:", file=sys.stderr)
-        for line in str(exc).splitlines():
-            print(f"  {line}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
+def _config_path(args: argparse.Namespace, env: EnvSettings) -> Path:
+    path: Path | None = args.config
+    return env.config if path is None else path
 
 
-def check_config(path: Path) -> int:
-    config = _load_or_exit(path)
-    print(f"{path}: OK, {len(config.models)} model(s), VRAM budget {config.total_vram_mb} MB")
-    missing = {m.name for m in config.missing_model_files()}
-    for model in config.models:
-        argv = command_line(config, model, config.backend.port_range_start)
-        flags = [f"vram {model.vram_mb} MB", f"probe {adapter_for(model).probe(model)}"]
-        if model.pinned:
-            flags.append("pinned")
-        if model.name in missing:
-            flags.append(f"WARNING: file not found: {config.model_path(model)}")
-        if (problem := missing_binary(config, model)) is not None:
-            flags.append(f"WARNING: {problem}")
-        kind = f"{model.backend.value}, {model.model_type.value}"
-        print(f"\n{model.name} ({kind}; {', '.join(flags)})")
-        print(f"  {shlex.join(argv)}")
-    return 0
+# ---- serve -----------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.check_config is not None:
-        return check_config(args.check_config)
-    config = effective_config(_load_or_exit(args.config), args, _env_settings())
-    level = (args.log_level or config.log_level).upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "DEBUG":  # one line per upstream request / job run is noise
-        for noisy in ("httpx", "httpcore", "apscheduler"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-    else:  # debug is for dynllm and its backends; the SQLite driver logs every statement
-        for noisy in ("aiosqlite",):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+def serve(args: argparse.Namespace, env: EnvSettings) -> int:
+    level_override = _log_level(args.log_level)
+    config = effective_config(load_or_exit(_config_path(args, env)), args, env)
+    level = (level_override or config.log_level).upper()
+    configure_logging(level, config.log_format)
 
     import uvicorn
 
@@ -161,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             access_log=level == "DEBUG",
             server_header=False,  # the backend's own Server header passes through
             proxy_headers=False,  # nothing reads the client address; saves a middleware
+            **uvicorn_log_options(),  # uvicorn's lines in log_format too
         )
     )
     # A terminal hang-up (or a habit from other daemons) must not stop the
@@ -170,7 +265,322 @@ def main(argv: list[str] | None = None) -> int:
         lambda *_: logging.getLogger("dynllm").warning("SIGHUP ignored (no reload yet)"),
     )
     server.run()
-    return 0 if server.started else EXIT_STARTUP
+    return EXIT_OK if server.started else EXIT_STARTUP
+
+
+# ---- the client commands ------------------------------------------------------------
+
+
+class _ClientFile(BaseModel):
+    """The parts of a config file the client commands read.  Only these, so
+    ``dynllm reload`` can still reach the service while the rest of the file
+    is being edited (and is the service's to judge)."""
+
+    model_config = ConfigDict(extra="ignore")
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    admin_api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str] = Field(default_factory=list)
+
+
+def _read_client_file(path: Path) -> _ClientFile:
+    hint = "give the service's address with --url or DYNLLM_URL"
+    try:
+        data = yaml.safe_load(path.expanduser().read_text(encoding="utf-8"))
+        return _ClientFile.model_validate(data or {})
+    except OSError as exc:
+        reason = f"cannot read it: {exc.strerror or exc}"
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValidationError is a ValueError: a wrong server.port or key list.
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = f"cannot find server.host/port and the keys in it: {first}"
+    print(f"dynllm: invalid config {path}: {reason}; {hint}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG)
+
+
+def client_target(args: argparse.Namespace, env: EnvSettings) -> Target:
+    """Where the service is and which key to send.
+
+    URL: ``--url``, else ``DYNLLM_URL``, else the config's ``server.host``/``port``
+    (with ``--host``/``--port``/``DYNLLM_HOST``/``DYNLLM_PORT`` applied, as
+    ``serve`` applies them; 0.0.0.0 and :: mean this machine).  Key:
+    ``DYNLLM_ADMIN_API_KEY``, else the first of ``DYNLLM_ADMIN_API_KEYS``, else
+    the config's first ``admin_api_keys``; with no admin key anywhere, the
+    first API key (admin routes then take any valid key from this machine).
+    The config is read only when the URL or the key must come from it.
+    """
+    url: str | None = getattr(args, "url", None)
+    source = "--url"
+    if url is None and env.url:
+        url, source = env.url, "DYNLLM_URL"
+    admin_keys = [*([env.admin_api_key] if env.admin_api_key else []),
+                  *_split_keys(env.admin_api_keys)]  # fmt: skip
+    api_keys = _split_keys(env.api_keys)
+    path = _config_path(args, env)
+    named = args.config is not None or "config" in env.model_fields_set
+    # Without --url there must be a config; for a key only, one that exists.
+    if url is None or (not admin_keys and (named or path.exists())):
+        found = _read_client_file(path)
+        admin_keys += found.admin_api_keys
+        api_keys += found.api_keys
+        if url is None:
+            host = args.host or found.server.host
+            port = _port(args.port)
+            url = url_for(host, found.server.port if port is None else port)
+            source = f"{path} (server.host/port)"
+    keys = admin_keys or api_keys
+    return Target(url.rstrip("/"), keys[0] if keys else None, source)
+
+
+def _out(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> str:
+    lines = [header, *rows]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in lines
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _ago(when: Any, now: float) -> str:
+    return f"{_duration(now - when)} ago" if isinstance(when, int | float) else "never"
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def render_status(health: dict[str, Any], state: dict[str, Any], url: str, now: float) -> str:
+    head = f"dynllm {health.get('version', '?')} at {url}"
+    if isinstance(health.get("uptime_seconds"), int | float):
+        head += f", up {_duration(health['uptime_seconds'])}"
+    used, total = state.get("vram_used_mb", 0), state.get("vram_total_mb", 0)
+    share = f" ({100 * used / total:.0f}%)" if total else ""
+    lines = [head, f"VRAM {used} of {total} MB used{share}"]
+    if "queued_requests" in health:
+        lines[-1] += f", {health['queued_requests']} request(s) queued"
+    models = state.get("models", [])
+    header = ["MODEL", "STATE", "PORT", "PID", "IN-FLIGHT", "QUEUED", "VRAM MB", "LAST USED"]
+    rows = [
+        [
+            m["name"],
+            _cell(m.get("status")),
+            _cell(m.get("port")),
+            _cell(m.get("pid")),
+            _cell(m.get("in_flight")),
+            _cell(m.get("queued")),
+            _cell(m.get("vram_mb")),
+            _ago(m.get("last_used"), now),
+        ]
+        for m in models
+    ]
+    lines += ["", _table(header, rows)] if rows else ["", "no models configured"]
+    for m in models:
+        if m.get("last_error"):
+            lines.append(f"{m['name']}: last error: {m['last_error']}")
+        if isinstance(m.get("cooldown_until"), int | float) and m["cooldown_until"] > now:
+            lines.append(
+                f"{m['name']}: cooling down after {m.get('consecutive_failures', '?')} failed "
+                f"load(s); next try in {_duration(m['cooldown_until'] - now)} "
+                f"(`dynllm load {m['name']} --force` skips the wait)"
+            )
+    return "\n".join(lines)
+
+
+def render_models(state: dict[str, Any]) -> str:
+    header = ["MODEL", "ALIASES", "BACKEND", "TYPE", "VRAM MB", "PINNED", "UNLOAD AFTER", "STATE"]
+    rows = []
+    for m in state.get("models", []):
+        after = m.get("unload_after_seconds")
+        rows.append(
+            [
+                m["name"],
+                ", ".join(m.get("aliases") or []) or "-",
+                _cell(m.get("backend")),
+                _cell(m.get("model_type")),
+                _cell(m.get("vram_mb")),
+                "yes" if m.get("pinned") else "no",
+                "never" if after is None else _duration(after),
+                _cell(m.get("status")),
+            ]
+        )
+    return _table(header, rows) if rows else "no models configured"
+
+
+def render_reload(result: dict[str, Any]) -> str:
+    def names(key: str) -> str:
+        value = result.get(key) or []
+        return ", ".join(str(v) for v in value) if value else "none"
+
+    lines = [
+        "reloaded the config",
+        f"  added: {names('added')}",
+        f"  changed (restart once idle): {names('changed')}",
+        f"  removed (unload once idle): {names('removed')}",
+    ]
+    if result.get("restart_needed"):
+        lines.append(f"  needs a restart of dynllm to apply: {names('restart_needed')}")
+    return "\n".join(lines)
+
+
+def _print_json(data: Any) -> None:
+    _out(json.dumps(data, indent=2))
+
+
+def _status(client: AdminClient, args: argparse.Namespace) -> int:
+    health, state = client.health(), client.models()
+    if args.json:
+        extra = {k: health[k] for k in ("version", "uptime_seconds") if k in health}
+        _print_json({**extra, **state})
+    else:
+        _out(render_status(health, state, client.target.url, time.time()))
+    return EXIT_OK
+
+
+def _models(client: AdminClient, args: argparse.Namespace) -> int:
+    state = client.models()
+    _print_json(state) if args.json else _out(render_models(state))
+    return EXIT_OK
+
+
+def _load(client: AdminClient, args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    result = client.load(args.model, force=args.force)
+    took = time.monotonic() - started
+    if args.json:
+        _print_json(result)
+    else:
+        _out(f"loaded {result.get('model', args.model)}: port {_cell(result.get('port'))}, "
+             f"pid {_cell(result.get('pid'))} ({took:.2f} s)")  # fmt: skip
+    return EXIT_OK
+
+
+def _unload(client: AdminClient, args: argparse.Namespace) -> int:
+    result = client.unload(args.model, force=args.force)
+    name = result.get("model", args.model)
+    if args.json:
+        _print_json(result)
+    else:
+        _out(f"unloaded {name}" if result.get("unloaded") else f"{name} was not loaded")
+    return EXIT_OK
+
+
+def _logs(client: AdminClient, args: argparse.Namespace) -> int:
+    if not args.follow:
+        result = client.logs(args.model, args.lines)
+        if args.json:
+            _print_json(result)
+        else:
+            for line in result.get("lines", []):
+                _out(str(line))
+        return EXIT_OK
+    for item in client.follow_logs(args.model):
+        _out(json.dumps(item) if args.json else str(item.get("line", "")))
+    print(f"dynllm: {client.target.url} ended the log stream", file=sys.stderr)
+    return EXIT_SERVICE
+
+
+def _reload(client: AdminClient, args: argparse.Namespace) -> int:
+    result = client.reload()
+    _print_json(result) if args.json else _out(render_reload(result))
+    return EXIT_OK
+
+
+_CLIENT: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
+    "status": _status,
+    "models": _models,
+    "load": _load,
+    "unload": _unload,
+    "logs": _logs,
+    "reload": _reload,
+}
+
+
+def run_client(args: argparse.Namespace, env: EnvSettings) -> int:
+    target = client_target(args, env)
+    try:
+        with AdminClient(target) as client:
+            return _CLIENT[args.command](client, args)
+    except ClientError as exc:
+        hint = ""
+        if getattr(exc, "code", None) == "model_busy":
+            hint = f" (`dynllm unload {args.model} --force` stops it anyway)"
+        print(f"dynllm: {exc.message}{hint}", file=sys.stderr)
+        return exc.exit_code
+
+
+# ---- demo ------------------------------------------------------------------------------
+
+
+def run_demo(argv: list[str]) -> int:
+    try:  # imported only when asked for: it is not needed to serve
+        module = importlib.import_module("dynllm.demo")
+    except ModuleNotFoundError as exc:
+        if exc.name != "dynllm.demo":
+            raise
+        print("dynllm: this build of dynllm has no demo command", file=sys.stderr)
+        return EXIT_SERVICE
+    demo_main: Callable[[list[str]], int] = module.main
+    return demo_main(argv)
+
+
+# ---- main ------------------------------------------------------------------------------
+
+
+def _run(argv: list[str]) -> int:
+    env = _env_settings()
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    if args.check_config is not None:
+        if args.command is not None:
+            parser.error(f"--check-config cannot be combined with the command {args.command!r}")
+        path = Path(args.check_config) if args.check_config else _config_path(args, env)
+        return check_config(path)
+    if args.command == "check-config":
+        if args.path is not None and args.config is not None and args.path != args.config:
+            parser.error("check-config: give the config once (PATH or -c PATH)")
+        return check_config(args.path or _config_path(args, env))
+    if args.command == "demo":
+        return run_demo(args.args)
+    if args.command in CLIENT_COMMANDS:
+        return run_client(args, env)
+    return serve(args, env)
+
+
+def _exit_status(exc: SystemExit) -> int:
+    if exc.code is None:
+        return EXIT_OK
+    if isinstance(exc.code, int):
+        return exc.code
+    print(exc.code, file=sys.stderr)
+    return EXIT_SERVICE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The exit status; argparse's and the config loader's SystemExit become
+    their status, so the function can be called from tests too."""
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        return _exit_status(exc)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
