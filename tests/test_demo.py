@@ -308,6 +308,21 @@ def test_without_llama_server_the_demo_says_how_to_get_it(
     assert "llama.cpp/releases" in err
 
 
+def test_an_unwritable_cache_is_reported_plainly(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    try:
+        demo.source_model()
+    except demo.DemoUnavailable as exc:
+        _skip_loudly(str(exc))
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert demo.main(["--cache-dir", str(blocker / "cache"), "--prepare-only"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write the converted model" in err and "--cache-dir" in err
+    assert "Traceback" not in err
+
+
 def test_prepare_only_writes_a_valid_config(
     smollm2_f16: Path, llama_server: str, cache: Path, tmp_path: Path
 ) -> None:

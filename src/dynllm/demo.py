@@ -320,6 +320,10 @@ def main(argv: list[str]) -> int:
     except DemoUnavailable as exc:
         print(f"dynllm demo: {exc}", file=err)
         return 1
+    except OSError as exc:  # a full disk or a cache folder we may not write
+        print(f"dynllm demo: cannot write the converted model in {cache}: {exc} "
+              "(--cache-dir chooses another folder)", file=err)  # fmt: skip
+        return 1
     config_file = write_config(
         state_dir, demo_config(model, binary, host=args.host, port=args.port)
     )
