@@ -41,13 +41,30 @@ WINDOW = (1280, 800)
 UI_DEADLINE = 20.0
 
 
-def _models() -> list[dict[str, Any]]:
-    return [
-        {"name": "chat", "vram_mb": 3000, "aliases": ["gpt-4o-mini"]},
-        {"name": "coder", "vram_mb": 2500, "extra_args": ["--fake-token-rate", "4"]},
-        {"name": "broken", "vram_mb": 1500, "extra_args": ["--fake-exit-during-load", "3"]},
-        {"name": "embed", "vram_mb": 600, "model_type": "embedding"},
+# Names and sizes as on a 24 GB card (the picture in the README comes from here).
+BUDGET_MB = 24000
+CHAT, CODER, BROKEN, EMBED = "qwen2.5-7b", "qwen2.5-coder-14b", "llama3.1-8b", "bge-m3"
+CHAT_MB, CODER_MB = 5200, 9800
+
+
+def _models(models_dir: Path) -> list[dict[str, Any]]:
+    """The four models, each with a file of its own (the fake backend never reads it)."""
+    models = [
+        {"name": CHAT, "vram_mb": CHAT_MB, "aliases": ["gpt-4o-mini"]},
+        # 4 tokens a second: a request stays in flight while the picture is taken.
+        {"name": CODER, "vram_mb": CODER_MB, "extra_args": ["--fake-token-rate", "4"]},
+        {"name": BROKEN, "vram_mb": 6100, "extra_args": ["--fake-exit-during-load", "3"]},
+        {"name": EMBED, "vram_mb": 1200, "model_type": "embedding"},
     ]
+    models_dir.mkdir(exist_ok=True)
+    for model in models:
+        model["path"] = f"{model['name']}-q4_k_m.gguf"
+        (models_dir / model["path"]).write_bytes(b"not a model: the fake backend never reads it")
+    return models
+
+
+def _gb(mb: int) -> str:
+    return f"{mb / 1024:.1f} GB"  # as the page writes sizes over 1 GB
 
 
 # ---------------------------------------------------------------- the files
@@ -201,7 +218,7 @@ def drive_dashboard(
     app_url: str, profile: Path, shots: list[Path], events: bool, busy: Callable[[], None]
 ) -> dict[str, Any]:
     """The user's steps, in the browser (a thread: the server runs in the
-    test's loop).  ``busy()`` starts a long request to "coder" once it is loaded."""
+    test's loop).  ``busy()`` starts a long request to CODER once it is loaded."""
     from selenium.webdriver.common.by import By
 
     figures: dict[str, Any] = {}
@@ -242,43 +259,42 @@ def drive_dashboard(
             ),
         )
         figures["models listed after"] = time.monotonic() - started
-        assert names == ["chat", "coder", "broken", "embed"]
+        assert names == [CHAT, CODER, BROKEN, EMBED]
         assert not driver.find_element(By.ID, "notice").is_displayed()
         assert driver.execute_script("return sessionStorage.getItem('dynllm.adminKey')") == ADMIN
         assert all(_state(driver, m) == "unloaded" for m in names)
 
         # Load: the state becomes "loaded", the VRAM bar fills its share.
-        clicked = _click(driver, "chat", "load")
-        _wait(driver, "chat loaded", lambda d: _state(d, "chat") == "loaded")
+        clicked = _click(driver, CHAT, "load")
+        _wait(driver, f"{CHAT} loaded", lambda d: _state(d, CHAT) == "loaded")
         figures["click load -> loaded shown (s)"] = time.monotonic() - clicked
-        card = _card(driver, "chat")
+        card = _card(driver, CHAT)
         assert card.find_element(By.CSS_SELECTOR, ".state").text.lower() == "loaded"
         assert card.find_element(By.CSS_SELECTOR, ".load-count").text == "1"
         assert card.find_element(By.CSS_SELECTOR, ".process").text.startswith("pid ")
         bar = card.find_element(By.CSS_SELECTOR, ".model-bar")
-        assert "38% of the 7.8 GB VRAM budget" in str(bar.get_attribute("aria-label"))
+        share = CHAT_MB / BUDGET_MB
+        label = f"{round(share * 100)}% of the {_gb(BUDGET_MB)} VRAM budget"
+        assert label in str(bar.get_attribute("aria-label")), bar.get_attribute("aria-label")
         fill = card.find_element(By.CSS_SELECTOR, ".fill").size["width"]
-        assert abs(fill / bar.size["width"] - 3000 / 8000) < 0.02, (fill, bar.size["width"])
+        assert abs(fill / bar.size["width"] - share) < 0.02, (fill, bar.size["width"])
+        budget = f"{_gb(CHAT_MB)} of {_gb(BUDGET_MB)}"
         _wait(
-            driver,
-            "the budget text",
-            lambda d: "2.9 GB of 7.8 GB" in d.find_element(By.ID, "budget-used").text,
+            driver, "the budget text", lambda d: d.find_element(By.ID, "budget-used").text == budget
         )
 
         # Unload: back to "unloaded".
-        clicked = _click(driver, "chat", "unload")
-        _wait(driver, "chat unloaded", lambda d: _state(d, "chat") == "unloaded")
+        clicked = _click(driver, CHAT, "unload")
+        _wait(driver, f"{CHAT} unloaded", lambda d: _state(d, CHAT) == "unloaded")
         figures["click unload -> unloaded shown (s)"] = time.monotonic() - clicked
 
         # A load that fails: its error and the cooldown show on the card.
-        _click(driver, "broken", "load")
+        _click(driver, BROKEN, "load")
         error = _wait(
             driver,
             "the failed load's error",
             lambda d: (
-                (
-                    e := _card(d, "broken").find_element(By.CSS_SELECTOR, ".last-error")
-                ).is_displayed()
+                (e := _card(d, BROKEN).find_element(By.CSS_SELECTOR, ".last-error")).is_displayed()
                 and e
             ),
         )
@@ -288,35 +304,33 @@ def drive_dashboard(
         assert "open" in str(error.get_attribute("class"))
         assert "model file is corrupt" in error.text, error.text
         error.find_element(By.CSS_SELECTOR, "button.more").click()  # closed again
-        load_now = _card(driver, "broken").find_element(By.CSS_SELECTOR, "button.load")
+        load_now = _card(driver, BROKEN).find_element(By.CSS_SELECTOR, "button.load")
         assert load_now.text == "Load now"  # it skips the cooldown (force)
-        cooldown = _card(driver, "broken").find_element(By.CSS_SELECTOR, ".cooldown")
+        cooldown = _card(driver, BROKEN).find_element(By.CSS_SELECTOR, ".cooldown")
         assert cooldown.is_displayed() and "1 failed load" in cooldown.text, cooldown.text
-        message = _card(driver, "broken").find_element(By.CSS_SELECTOR, ".action-message")
+        message = _card(driver, BROKEN).find_element(By.CSS_SELECTOR, ".action-message")
         assert "Load failed" in message.text, message.text
 
         # Load two models for the picture, then open a log pane.
-        _click(driver, "chat", "load")
-        _click(driver, "coder", "load")
+        _click(driver, CHAT, "load")
+        _click(driver, CODER, "load")
         _wait(
             driver,
-            "chat and coder loaded",
-            lambda d: _state(d, "chat") == _state(d, "coder") == "loaded",
+            "both models loaded",
+            lambda d: _state(d, CHAT) == _state(d, CODER) == "loaded",
         )
         busy()
-        _click(driver, "chat", "logs-toggle")
+        _click(driver, CHAT, "logs-toggle")
         log = _wait(
             driver,
-            "chat's log lines",
+            "the log lines",
             lambda d: (
-                "listening" in (t := _card(d, "chat").find_element(By.CSS_SELECTOR, ".log").text)
+                "listening" in (t := _card(d, CHAT).find_element(By.CSS_SELECTOR, ".log").text)
                 and t
             ),
         )
-        figures["log pane"] = (
-            _card(driver, "chat").find_element(By.CSS_SELECTOR, ".log-status").text
-        )
-        assert "starting: alias=" in log
+        figures["log pane"] = _card(driver, CHAT).find_element(By.CSS_SELECTOR, ".log-status").text
+        assert f"starting: alias={CHAT}" in log
 
         feed = driver.find_element(By.ID, "events-status")
         if events:
@@ -327,9 +341,9 @@ def drive_dashboard(
             )
             _wait(
                 driver,
-                "chat's load in the event feed",
+                "the load in the event feed",
                 lambda d: any(
-                    "chat" in li.text and "loaded" in li.text
+                    f"{CHAT} loading → loaded" in li.text
                     for li in d.find_elements(By.CSS_SELECTOR, "#events li")
                 ),
             )
@@ -342,9 +356,9 @@ def drive_dashboard(
         figures["event feed"] = feed.text
         figures["in flight"] = _wait(
             driver,
-            "coder's request in flight",
+            "a request in flight",
             lambda d: (
-                _card(d, "coder").find_element(By.CSS_SELECTOR, ".in-flight").text == "1" and "1"
+                _card(d, CODER).find_element(By.CSS_SELECTOR, ".in-flight").text == "1" and "1"
             ),
         )
         driver.execute_script("window.scrollTo(0, 0)")
@@ -378,7 +392,12 @@ async def _events_route_exists(app: RunningApp) -> bool:
 async def test_dashboard_in_headless_chromium(make_config: ConfigFactory, tmp_path: Path) -> None:
     _browser_or_skip()
     config = make_config(
-        _models(), api_keys=[API], admin_api_keys=[ADMIN], load_failure_cooldown_seconds=30
+        _models(tmp_path / "models"),
+        models_dir=str(tmp_path / "models"),
+        api_keys=[API],
+        admin_api_keys=[ADMIN],
+        load_failure_cooldown_seconds=30,
+        total_vram_mb=BUDGET_MB,
     )
     async with serve(config) as app:
         events = await _events_route_exists(app)
@@ -388,7 +407,7 @@ async def test_dashboard_in_headless_chromium(make_config: ConfigFactory, tmp_pa
 
         async def slow_request() -> None:
             # coder streams 4 tokens a second: in flight while the picture is taken.
-            body = {"model": "coder", "messages": [], "max_tokens": 400, "stream": True}
+            body = {"model": CODER, "messages": [], "max_tokens": 400, "stream": True}
             headers = {"Authorization": f"Bearer {API}"}
             with contextlib.suppress(httpx.HTTPError):
                 async with app.client.stream(
@@ -446,8 +465,8 @@ def drive_without_live_routes(app_url: str, profile: Path) -> dict[str, str]:
         driver.find_element(By.ID, "admin-key").send_keys(ADMIN)
         driver.find_element(By.ID, "key-save").click()
         _wait(driver, "the models", lambda d: d.find_elements(By.CSS_SELECTOR, "article.model"))
-        _click(driver, "chat", "load")
-        _wait(driver, "chat loaded", lambda d: _state(d, "chat") == "loaded")
+        _click(driver, CHAT, "load")
+        _wait(driver, f"{CHAT} loaded", lambda d: _state(d, CHAT) == "loaded")
         feed = _wait(
             driver,
             "the missing feed",
@@ -456,21 +475,21 @@ def drive_without_live_routes(app_url: str, profile: Path) -> dict[str, str]:
             ),
         )
         assert "no event stream" in driver.find_element(By.ID, "events-empty").text
-        _click(driver, "chat", "logs-toggle")
+        _click(driver, CHAT, "logs-toggle")
         log = _wait(
             driver,
-            "chat's log lines",
+            "the log lines",
             lambda d: (
-                "listening" in (t := _card(d, "chat").find_element(By.CSS_SELECTOR, ".log").text)
+                "listening" in (t := _card(d, CHAT).find_element(By.CSS_SELECTOR, ".log").text)
                 and t
             ),
         )
-        assert "starting: alias=chat" in log
-        status = _card(driver, "chat").find_element(By.CSS_SELECTOR, ".log-status").text
+        assert f"starting: alias={CHAT}" in log
+        status = _card(driver, CHAT).find_element(By.CSS_SELECTOR, ".log-status").text
         assert status.startswith("live log unavailable"), status
         # Still the page of a working dynllm: unloading works and shows.
-        _click(driver, "chat", "unload")
-        _wait(driver, "chat unloaded", lambda d: _state(d, "chat") == "unloaded")
+        _click(driver, CHAT, "unload")
+        _wait(driver, f"{CHAT} unloaded", lambda d: _state(d, CHAT) == "unloaded")
         return {"event feed": feed, "log pane": status}
 
 
@@ -480,9 +499,12 @@ async def test_dashboard_without_the_live_routes(
     """Against a dynllm without /admin/events and followed logs, the page says
     so and keeps working (the log pane polls the last lines instead)."""
     _browser_or_skip()
-    config = make_config(_models()[:1], admin_api_keys=[ADMIN])
+    models = _models(tmp_path / "models")[:1]
+    config = make_config(models, models_dir=str(tmp_path / "models"), admin_api_keys=[ADMIN])
     monkeypatch.setattr(conftest, "create_app", lambda c: WithoutLiveRoutes(create_app(c)))
     async with serve(config) as app:
-        figures = await asyncio.to_thread(drive_without_live_routes, app.base_url, tmp_path)
+        figures = await asyncio.to_thread(
+            drive_without_live_routes, app.base_url, tmp_path / "profile"
+        )
     for name, value in figures.items():
         print(f"{name}: {value}")

@@ -362,7 +362,7 @@
       ? "never (pinned)"
       : m.unload_after_seconds == null
         ? "never"
-        : `after ${duration(m.unload_after_seconds)}`;
+        : duration(m.unload_after_seconds);
 
     const coolingFor = m.cooldown_until ? m.cooldown_until - now() : 0;
     const failures = m.consecutive_failures || 0;
@@ -393,7 +393,8 @@
 
   function setMessage(card, text, isError) {
     clearTimeout(card.messageTimer);
-    card.message.textContent = text.length > 140 ? `${text.slice(0, 139)}…` : text;
+    // The card shows the model's last error in full; this is the short form.
+    card.message.textContent = text.length > 100 ? `${text.slice(0, 99)}…` : text;
     card.message.title = text; // a long one is cut short; the whole text on hover
     card.message.className = `action-message${isError ? " error" : ""}`;
     card.message.hidden = !text;
