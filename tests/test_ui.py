@@ -175,12 +175,22 @@ def chromium(profile: Path) -> Iterator[Any]:
         "--lang=en-US",
     ):
         options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # for _script_errors
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
         _viewport(driver, *WINDOW)
         yield driver
     finally:
         driver.quit()
+
+
+def _script_errors(driver: Any) -> list[str]:
+    """Errors the page's script raised (a refused request is logged too: not one)."""
+    return [
+        entry["message"]
+        for entry in driver.get_log("browser")
+        if entry["level"] == "SEVERE" and "Failed to load resource" not in entry["message"]
+    ]
 
 
 def _viewport(driver: Any, width: int, height: int) -> None:
@@ -378,6 +388,7 @@ def drive_dashboard(
             ),
         )
         driver.save_screenshot(str(shots[0].with_name("dashboard-narrow.png")))
+        assert _script_errors(driver) == []
     return figures
 
 
@@ -490,6 +501,7 @@ def drive_without_live_routes(app_url: str, profile: Path) -> dict[str, str]:
         # Still the page of a working dynllm: unloading works and shows.
         _click(driver, CHAT, "unload")
         _wait(driver, f"{CHAT} unloaded", lambda d: _state(d, CHAT) == "unloaded")
+        assert _script_errors(driver) == []
         return {"event feed": feed, "log pane": status}
 
 
