@@ -133,7 +133,9 @@ def test_sigterm_stops_backends_gracefully(make_config: ConfigFactory, tmp_path:
         assert proc.wait(20) in (0, -signal.SIGTERM)
         assert backends_with_marker({instance_marker(config)}) == []
         output = (tmp_path / "dynllm.log").read_text()
-        assert "unloading 'A': shutdown" in output and "unloading 'B': shutdown" in output
+        for model in ("A", "B"):  # the log's lifecycle lines
+            assert f"'{model}' loaded -> unloading (shutdown)" in output, output
+            assert f"'{model}' unloading -> unloaded (shutdown) after" in output, output
     finally:
         log.close()
         if proc.poll() is None:

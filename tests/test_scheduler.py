@@ -23,7 +23,9 @@ from dynllm.errors import (
     QueueTimeout,
     Unavailable,
 )
+from dynllm.events import LifecycleEvent, Reason
 from dynllm.scheduler import Handle, ModelState, PortTaken, Scheduler, out_of_memory
+from dynllm.store import columns
 
 _pids = itertools.count(1000)
 
@@ -125,16 +127,38 @@ def make_config(models: list[dict[str, Any]], **top: Any) -> Config:
     )
 
 
+class Records(list[tuple[str, dict[str, Any]]]):
+    """What the store would write for each lifecycle event, as (model, row
+    fields); ``events`` holds the events themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[LifecycleEvent] = []
+
+    def __call__(self, event: LifecycleEvent) -> None:
+        self.events.append(event)
+        if fields := columns(event):
+            self.append((event.model, fields))
+
+    def edges(self, name: str) -> list[tuple[str, str, str]]:
+        """(from, to, reason) of each event of ``name``."""
+        return [
+            (e.from_state.value, e.to_state.value, e.reason.value)
+            for e in self.events
+            if e.model == name
+        ]
+
+
 def make(
     models: list[dict[str, Any]], auto: bool = True, **top: Any
-) -> tuple[Scheduler, FakeEffects, Clock, list[tuple[str, dict[str, Any]]]]:
+) -> tuple[Scheduler, FakeEffects, Clock, Records]:
     effects = FakeEffects(auto=auto)
     clock = Clock()
-    records: list[tuple[str, dict[str, Any]]] = []
+    records = Records()
     scheduler = Scheduler(
         make_config(models, **top),
         effects,
-        lambda name, **fields: records.append((name, fields)),
+        records,
         clock=clock,
         wall=clock,
     )
@@ -441,7 +465,7 @@ async def test_a_crash_and_a_new_load_before_the_old_load_is_resolved() -> None:
     await asyncio.sleep(0)  # the load task ends (READY); its callback runs next tick
     assert slot.state is ModelState.READY and old_load is not None and not old_load.done()
     fx.handles["A"].crash(code=-9)
-    s._admit(slot, s.plan(slot))  # what the pump does for a request queued for A
+    s._admit(slot, s.plan(slot), Reason.REQUESTED)  # what the pump does for a request queued for A
     new_load, new_task = slot.load, slot.load_task
     await settle()
     assert old_load.done()

@@ -58,6 +58,7 @@ from dynllm.errors import (
     ModelBusy,
     Unavailable,
 )
+from dynllm.events import LifecycleEvent
 from dynllm.launcher import run_to_the_end
 from dynllm.scheduler import Handle, Lease, ModelState, PortTaken, Scheduler
 from tests.support.net import free_port_range
@@ -238,7 +239,7 @@ class Walk:
         )
         self.world = World(self.check)
         self.s = Scheduler(
-            config, self.world, self.persist, clock=lambda: self.now, wall=lambda: self.now
+            config, self.world, self.on_event, clock=lambda: self.now, wall=lambda: self.now
         )
         self.specs = [self.s.slots[m["name"]].spec for m in MODELS]
         self.requests: list[asyncio.Task[Lease]] = []
@@ -250,9 +251,8 @@ class Walk:
     def fail(self, what: str) -> None:
         self.violations.append(f"{what}\n  last steps: " + " | ".join(self.trace[-25:]))
 
-    def persist(self, name: str, **fields: Any) -> None:
-        if "status" in fields:
-            self.check(f"{name} -> {fields['status']}")
+    def on_event(self, event: LifecycleEvent) -> None:
+        self.check(f"{event.model} -> {event.to_state}")
 
     def check(self, where: str) -> None:
         """What must hold at every moment."""

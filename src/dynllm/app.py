@@ -3,6 +3,14 @@
 They live in the lifespan (no module globals), so every test builds its own.
 Startup order: open the state file, stop orphans a crashed run left behind,
 start the idle job, load ``preload_models``, then accept traffic.
+
+Lifecycle events flow from the scheduler to one ``EventHub``; its
+subscribers, in order: the store, the log, the metrics; and the event streams
+of ``GET /admin/events``.  Backend output flows to a ``LineHub`` for
+``GET /admin/models/{m}/logs?follow=true``.  Both hubs are closed as soon as
+the server is asked to stop: uvicorn waits for open responses before it runs
+the lifespan's shutdown, so an open stream would otherwise hold it up until
+its graceful-shutdown timeout.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ from dynllm.api.jsonwork import JsonWorker
 from dynllm.backends import Upstream, missing_binary, upstream_table
 from dynllm.config import Config
 from dynllm.errors import DynllmError, Forbidden, Shape, error_body, invalid_request
+from dynllm.events import EventHub, LineHub, Reason, log_event
 from dynllm.launcher import ProcessEffects
+from dynllm.metrics import Metrics
 from dynllm.proxy import make_client
 from dynllm.registry import ApiFamily, Registry
 from dynllm.requestlog import RequestSink, default_sinks
@@ -63,6 +73,11 @@ class Services:
     """Called with each finished request's record (requestlog); the log line is the first."""
     admission: Admission = field(default_factory=Admission)
     """Per-model max_concurrent_requests / max_queued_requests gates."""
+    events: EventHub = field(default_factory=EventHub)
+    """Lifecycle events from the scheduler to the store, log, metrics and streams."""
+    lines: LineHub = field(default_factory=LineHub)
+    """Backend output lines to the followers of a model's log."""
+    metrics: Metrics = field(init=False)
     upstreams: dict[tuple[str, ApiFamily], Upstream] = field(init=False)
     json_limit: int = field(init=False)
     upload_limit: int = field(init=False)
@@ -71,6 +86,7 @@ class Services:
         self.upstreams = upstream_table(self.config)
         self.json_limit = int(self.config.max_body_mb * (1 << 20))
         self.upload_limit = int(self.config.max_upload_mb * (1 << 20))
+        self.metrics = Metrics(self.scheduler, self.admission)
 
 
 def instance_marker(config: Config) -> str:
@@ -135,6 +151,7 @@ class Front:
 
 
 PRELOAD_STOP_POLL_SECONDS = 0.2
+STREAMS_STOP_POLL_SECONDS = 0.2
 
 
 async def _preload(services: Services, stopping: Callable[[], bool]) -> None:
@@ -147,7 +164,7 @@ async def _preload(services: Services, stopping: Callable[[], bool]) -> None:
             spec = services.registry.get(name)
             log.info("preloading '%s'", spec.name)
             try:
-                (await services.scheduler.acquire(spec)).release()
+                (await services.scheduler.acquire(spec, Reason.PRELOAD)).release()
             except DynllmError as exc:
                 log.error("preloading '%s' failed: %s", spec.name, exc.message)
 
@@ -161,6 +178,19 @@ async def _preload(services: Services, stopping: Callable[[], bool]) -> None:
                 await task
             return
     task.result()
+
+
+async def _end_streams_when_stopping(services: Services, stopping: Callable[[], bool]) -> None:
+    """Close the event and log streams once the server is asked to stop.
+
+    uvicorn stops accepting, then waits (up to its graceful timeout) for open
+    responses to end, and only then runs the lifespan's shutdown: streams
+    that never end would hold it up to the timeout and then be cancelled."""
+    # A poll: uvicorn tells its app of no "asked to stop" but its should_exit flag.
+    while not stopping():  # noqa: ASYNC110
+        await asyncio.sleep(STREAMS_STOP_POLL_SECONDS)
+    services.events.close()
+    services.lines.close()
 
 
 def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> Front:
@@ -195,10 +225,22 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
             log.warning("stopped %d process(es) left by a previous run", len(orphans))
         client = make_client(config)
         probe_client = httpx.AsyncClient(trust_env=False)
+        lines = LineHub()
         effects = ProcessEffects(config, marker, probe_client)
-        scheduler = Scheduler(config, effects, store.record)
+        events = EventHub()
+        events.subscribe(store.on_event)  # the durable shadow first
+        events.subscribe(log_event)
+        scheduler = Scheduler(config, effects, events.publish, usage=store.record_usage)
         scheduler.restore(await store.rows())
-        app.state.services = Services(config, Registry(config), scheduler, store, effects, client)
+        services = Services(
+            config, Registry(config), scheduler, store, effects, client, events=events, lines=lines
+        )
+        events.subscribe(services.metrics.on_event)
+        services.request_sinks.append(services.metrics.observe_request)
+        app.state.services = services
+        streams_closer = asyncio.create_task(
+            _end_streams_when_stopping(services, stopping), name="end-streams"
+        )
         jobs = AsyncIOScheduler()
         jobs.add_job(
             scheduler.unload_idle,
@@ -213,6 +255,9 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
             await _preload(app.state.services, stopping)
             yield
         finally:
+            streams_closer.cancel()
+            events.close()
+            lines.close()
             jobs.shutdown(wait=False)
             await scheduler.shutdown()
             await client.close()

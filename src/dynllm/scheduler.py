@@ -16,6 +16,12 @@ Model states and their edges (each taken in one place)::
     READY     -> UNLOADED    _on_exit         (backend died on its own)
     UNLOADING -> UNLOADED    _unload          (process reaped)
 
+Every edge goes through ``_move``, which emits a ``LifecycleEvent`` (model,
+from, to, reason, detail, durations; see ``dynllm.events``) to the one
+subscriber the scheduler was given (in the app: the ``EventHub``, which feeds
+the store, the metrics, the log and the event streams).  A cooldown is
+announced the same way, as a note without a change of state.
+
 A model holds VRAM in LOADING, READY and UNLOADING: memory counts as free
 only once the process is gone.
 
@@ -51,7 +57,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from functools import partial
 from typing import Any, Protocol
 
@@ -69,6 +74,8 @@ from dynllm.errors import (
     ShuttingDown,
     Unavailable,
 )
+from dynllm.events import LifecycleEvent, Reason
+from dynllm.events import ModelState as ModelState  # where callers have found it
 from dynllm.ports import BACKEND_HOST, PortPool
 
 log = logging.getLogger("dynllm.scheduler")
@@ -102,13 +109,6 @@ _OUT_OF_MEMORY = re.compile(
 def out_of_memory(lines: Iterable[str]) -> bool:
     """Whether a backend's last output says it ran out of memory.  Pure."""
     return any(_OUT_OF_MEMORY.search(line) for line in lines)
-
-
-class ModelState(StrEnum):
-    UNLOADED = "unloaded"
-    LOADING = "loading"
-    READY = "loaded"
-    UNLOADING = "unloading"
 
 
 _EDGES: dict[ModelState, frozenset[ModelState]] = {
@@ -160,8 +160,10 @@ class Effects(Protocol):
         ...
 
 
-class Persist(Protocol):
-    def __call__(self, name: str, **fields: Any) -> None: ...
+Emit = Callable[[LifecycleEvent], None]
+"""Receives every lifecycle event, inside the transition: must not block."""
+Usage = Callable[[str, float | None], None]
+"""Receives (model, last_used wall time) from ``flush_usage``."""
 
 
 @dataclass(eq=False)
@@ -187,6 +189,15 @@ class Slot:
     load: asyncio.Future[None] | None = None
     load_task: asyncio.Task[None] | None = None
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    since: float | None = None
+    """When the model entered its state (scheduler clock); None before its first move."""
+    load_reason: Reason = Reason.REQUESTED
+    """Why the current (or last) load began: its events all carry it."""
+    cancel_reason: Reason | None = None
+    """Why the current load was cancelled, once it is."""
+    unload_reason: Reason = Reason.IDLE
+    unload_detail: str | None = None
+    """Why the current (or last) unload began: its events all carry it."""
 
     @property
     def name(self) -> str:
@@ -234,6 +245,8 @@ class _Request:
     (``_settle``) can uncount it."""
 
     slot: Slot
+    reason: Reason = Reason.REQUESTED
+    """The reason of a load this request begins."""
     turn: asyncio.Future[None] | None = None
     """While queued for VRAM: resolved by the pump when the request may go
     ahead, cancelled with the request's task (the pump then skips it)."""
@@ -246,8 +259,9 @@ class Scheduler:
         self,
         config: Config,
         effects: Effects,
-        persist: Persist | None = None,
+        emit: Emit | None = None,
         *,
+        usage: Usage | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -255,7 +269,8 @@ class Scheduler:
         self.effects = effects
         self.ports = PortPool(config.backend.port_range_start, config.backend.port_range_end)
         self.slots: dict[str, Slot] = {m.name: Slot(m) for m in config.models}
-        self._persist: Persist = persist or (lambda name, **fields: None)
+        self._emit: Emit = emit if emit is not None else (lambda event: None)
+        self._usage: Usage = usage if usage is not None else (lambda name, at: None)
         self._clock = clock
         self._wall = wall
         self._queue: deque[_Request] = deque()
@@ -274,11 +289,55 @@ class Scheduler:
                 slot.last_error = row.get("last_error")
 
     # ---- transitions -------------------------------------------------------------
-    def _move(self, slot: Slot, new: ModelState, **fields: Any) -> None:
-        if new not in _EDGES[slot.state]:
-            raise RuntimeError(f"{slot.name}: illegal transition {slot.state} -> {new}")
-        slot.state = new
-        self._persist(slot.name, status=new.value, **fields)
+    def _move(
+        self,
+        slot: Slot,
+        new: ModelState,
+        reason: Reason,
+        detail: str | None = None,
+        *,
+        at: float | None = None,
+    ) -> None:
+        """The one place a model's state changes; emits the event.  The
+        slot's facts (handle, port, load count, last error) are set first."""
+        old = slot.state
+        if new not in _EDGES[old]:
+            raise RuntimeError(f"{slot.name}: illegal transition {old} -> {new}")
+        now = self._clock()
+        duration = None if slot.since is None else now - slot.since
+        slot.state, slot.since = new, now
+        self._emit(self._event(slot, old, reason, detail, duration, at))
+
+    def _note(self, slot: Slot, reason: Reason, detail: str) -> None:
+        """An event without a change of state (a cooldown began)."""
+        self._emit(self._event(slot, slot.state, reason, detail, None, None))
+
+    def _event(
+        self,
+        slot: Slot,
+        old: ModelState,
+        reason: Reason,
+        detail: str | None,
+        duration: float | None,
+        at: float | None,
+    ) -> LifecycleEvent:
+        h = slot.handle
+        return LifecycleEvent(
+            model=slot.name,
+            from_state=old,
+            to_state=slot.state,
+            reason=reason,
+            detail=detail,
+            at=self._wall() if at is None else at,
+            duration_s=duration,
+            pid=h.pid if h else None,
+            pgid=h.pgid if h else None,
+            proc_started_at=h.started_at if h else None,
+            port=slot.port,
+            vram_mb=slot.spec.vram_mb,
+            load_count=slot.load_count,
+            last_error=slot.last_error,
+        )
 
     # ---- admission -----------------------------------------------------------------
     def residents(self) -> list[ledger.Resident]:
@@ -303,8 +362,9 @@ class Scheduler:
             self.config.eviction_policy,
         )
 
-    async def acquire(self, spec: ModelConfig) -> Lease:
-        """A lease on a ready backend for ``spec``, loading it first if needed.
+    async def acquire(self, spec: ModelConfig, reason: Reason = Reason.REQUESTED) -> Lease:
+        """A lease on a ready backend for ``spec``, loading it first if needed
+        (a load it begins carries ``reason`` in its events).
 
         Joins a load already in flight; evicts idle models the ledger names;
         waits in FIFO order (up to queue_timeout_seconds) when only busy models
@@ -314,7 +374,7 @@ class Scheduler:
         the queue, is uncounted, and the queue moves on; a load it started or
         joined goes on for the others (or, with nobody left, finishes and
         idles).  A lease returned is counted in flight until ``release``."""
-        request = _Request(self.slots[spec.name])
+        request = _Request(self.slots[spec.name], reason)
         try:
             return await self._acquire(request)
         finally:
@@ -342,7 +402,7 @@ class Scheduler:
             if not self._queue:  # others waiting for VRAM first: no overtaking
                 decision = self.plan(slot)
                 if not isinstance(decision, ledger.Wait):
-                    self._admit(slot, decision)
+                    self._admit(slot, decision, request.reason)
                     continue
             await self._wait_turn(request, deadline)
 
@@ -408,12 +468,12 @@ class Scheduler:
         self._uncount(request)
         self._pump()
 
-    def _admit(self, slot: Slot, decision: ledger.Decision) -> None:
+    def _admit(self, slot: Slot, decision: ledger.Decision, reason: Reason) -> None:
         """Act on a decision that does not wait.  Synchronous on purpose."""
         if isinstance(decision, ledger.Fits):
-            self._begin_load(slot, [])
+            self._begin_load(slot, [], reason)
         elif isinstance(decision, ledger.Evict):
-            self._begin_load(slot, [self.slots[name] for name in decision.victims])
+            self._begin_load(slot, [self.slots[name] for name in decision.victims], reason)
         elif isinstance(decision, ledger.Impossible):
             if not decision.pinned:  # the budget itself is the reason
                 raise ModelTooLarge(
@@ -465,7 +525,7 @@ class Scheduler:
                 if isinstance(decision, ledger.Wait):
                     return
                 try:
-                    self._admit(slot, decision)
+                    self._admit(slot, decision, head.reason)
                 except DynllmError as exc:
                     self._queue.popleft()
                     head.turn.set_exception(exc)
@@ -486,14 +546,16 @@ class Scheduler:
             self._pump()
 
     # ---- loading -------------------------------------------------------------------
-    def _begin_load(self, slot: Slot, victims: list[Slot]) -> None:
-        stops = [self._begin_unload(v, f"evicted to make room for '{slot.name}'") for v in victims]
+    def _begin_load(self, slot: Slot, victims: list[Slot], reason: Reason) -> None:
+        detail = f"to make room for '{slot.name}'"
+        stops = [self._begin_unload(v, Reason.EVICTED, detail) for v in victims]
         loop = asyncio.get_running_loop()
         load: asyncio.Future[None] = loop.create_future()
         slot.load = load
         # Nobody may be waiting (preload, admin load): don't warn about it.
         load.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._move(slot, ModelState.LOADING, vram_mb=slot.spec.vram_mb)
+        slot.load_reason, slot.cancel_reason = reason, None
+        self._move(slot, ModelState.LOADING, reason)
         task = asyncio.create_task(self._load(slot, stops), name=f"load-{slot.name}")
         slot.load_task = task
         # A done callback, not a try/finally in _load: a task cancelled before
@@ -502,12 +564,13 @@ class Scheduler:
         # backend may have crashed and a new load of the model begun.
         task.add_done_callback(partial(self._load_done, slot, load))
 
-    def _cancel_load(self, slot: Slot) -> None:
+    def _cancel_load(self, slot: Slot, reason: Reason) -> None:
         """Cancel the model's load, once: a second cancel would cut short the
         stop that the first one started (the process would still run while
         its VRAM and port are booked free)."""
         task = slot.load_task
         if task is not None and not task.cancelling():
+            slot.cancel_reason = reason
             task.cancel()
 
     async def _load(self, slot: Slot, stops: list[asyncio.Task[None]]) -> None:
@@ -524,8 +587,8 @@ class Scheduler:
                 slot.name,
                 names,
             )
-            reason = f"evicted: '{slot.name}' ran out of GPU memory while loading"
-            await _wait_stops([self._begin_unload(v, reason) for v in victims])
+            detail = f"'{slot.name}' ran out of GPU memory while loading"
+            await _wait_stops([self._begin_unload(v, Reason.EVICTED, detail) for v in victims])
             await self._start(slot)  # once: a second failure is a failure
 
     def _oom_victims(self, slot: Slot, exc: BackendExited) -> list[Slot]:
@@ -559,29 +622,29 @@ class Scheduler:
         else:
             # A failed load ends in LOADING (only this callback leaves it then).
             slot.last_error = str(result)
-            log.error("%s", slot.last_error)
-            if not task.cancelled():
-                self._cool_down(slot)
-            self._move(slot, ModelState.UNLOADED, pid=None, port=None, last_error=slot.last_error)
+            if task.cancelled():
+                reason = slot.cancel_reason or Reason.LOAD_FAILED  # (only _cancel_load cancels)
+                self._move(slot, ModelState.UNLOADED, reason, slot.last_error)
+            else:
+                cooldown = self._cool_down(slot)
+                self._move(slot, ModelState.UNLOADED, Reason.LOAD_FAILED, slot.last_error)
+                if cooldown is not None:
+                    self._note(slot, Reason.COOLDOWN, cooldown)
             load.set_exception(result)
         self._pump()
 
-    def _cool_down(self, slot: Slot) -> None:
+    def _cool_down(self, slot: Slot) -> str | None:
         """One more failure in a row: no new load before the cooldown, which
-        doubles per failure up to the maximum (0: no cooldown)."""
+        doubles per failure up to the maximum (0: no cooldown).  What to say
+        about it, or None when there is none."""
         slot.failures += 1
         first = self.config.load_failure_cooldown_seconds
         if first <= 0:
-            return
+            return None
         cap = self.config.load_failure_cooldown_max_seconds
         seconds = min(first * 2 ** min(slot.failures - 1, 62), cap)
         slot.cooldown_until = self._clock() + seconds
-        log.warning(
-            "'%s' failed to load %d time(s) in a row; not trying again for %g s",
-            slot.name,
-            slot.failures,
-            seconds,
-        )
+        return f"failed to load {slot.failures} time(s) in a row; not tried again for {seconds:g} s"
 
     async def _start(self, slot: Slot) -> None:
         for attempt in range(1, PORT_ATTEMPTS + 1):
@@ -606,29 +669,19 @@ class Scheduler:
             slot.last_error = None
             slot.failures, slot.cooldown_until = 0, None
             slot.stopped = asyncio.Event()
-            self._move(
-                slot,
-                ModelState.READY,
-                pid=handle.pid,
-                pgid=handle.pgid,
-                proc_started_at=handle.started_at,
-                port=port,
-                loaded_at=now_wall,
-                last_used=now_wall,
-                load_count=slot.load_count,
-                last_error=None,
-            )
-            log.info("'%s' is ready on port %d (pid %d)", slot.name, port, handle.pid)
+            self._move(slot, ModelState.READY, slot.load_reason, at=now_wall)
             return
         raise BackendStartFailed(
             f"backend for '{slot.name}' could not bind a port after {PORT_ATTEMPTS} tries"
         )
 
     # ---- unloading -----------------------------------------------------------------
-    def _begin_unload(self, slot: Slot, reason: str) -> asyncio.Task[None]:
+    def _begin_unload(
+        self, slot: Slot, reason: Reason, detail: str | None = None
+    ) -> asyncio.Task[None]:
         assert slot.handle is not None
-        log.info("unloading '%s': %s", slot.name, reason)
-        self._move(slot, ModelState.UNLOADING)
+        slot.unload_reason, slot.unload_detail = reason, detail
+        self._move(slot, ModelState.UNLOADING, reason, detail)
         task = asyncio.create_task(self._unload(slot, slot.handle), name=f"unload-{slot.name}")
         self._unloads.add(task)
         task.add_done_callback(self._unloads.discard)
@@ -638,16 +691,16 @@ class Scheduler:
         try:
             await self.effects.stop(handle)
         finally:
-            self._backend_gone(slot)
+            self._backend_gone(slot, slot.unload_reason, slot.unload_detail)
 
-    def _backend_gone(self, slot: Slot, **fields: Any) -> None:
+    def _backend_gone(self, slot: Slot, reason: Reason, detail: str | None) -> None:
         """The process is gone: free its port and VRAM, wake whoever waits."""
         if slot.port is not None:
             self.ports.release(slot.port)
         slot.handle, slot.port = None, None
         slot.generation += 1
         slot.in_flight = 0
-        self._move(slot, ModelState.UNLOADED, pid=None, pgid=None, port=None, **fields)
+        self._move(slot, ModelState.UNLOADED, reason, detail)
         slot.stopped.set()
         self._pump()
 
@@ -658,8 +711,7 @@ class Scheduler:
             return
         tail = " | ".join(handle.stderr_tail(5))
         slot.last_error = f"backend exited unexpectedly with code {handle.returncode}: {tail}"
-        log.error("'%s' %s", slot.name, slot.last_error)
-        self._backend_gone(slot, last_error=slot.last_error)
+        self._backend_gone(slot, Reason.CRASHED, slot.last_error)
 
     def waiting(self, slot: Slot) -> int:
         """Requests waiting for ``slot``: joined to its load, let through by the
@@ -669,9 +721,12 @@ class Scheduler:
         )
         return slot.pending + queued
 
-    async def unload(self, spec: ModelConfig, *, force: bool = False) -> bool:
-        """Unload by hand.  A model serving or awaited by requests is refused
-        (ModelBusy) unless ``force``.  Returns whether anything was running.
+    async def unload(
+        self, spec: ModelConfig, *, force: bool = False, reason: Reason = Reason.ADMIN
+    ) -> bool:
+        """Unload by hand (or for ``reason``).  A model serving or awaited by
+        requests is refused (ModelBusy) unless ``force``.  Returns whether
+        anything was running.
 
         The decision is taken before the first await; cancelling the caller
         afterwards does not cut the stop (or the cancelled load) short."""
@@ -690,11 +745,11 @@ class Scheduler:
             )
         if slot.state is ModelState.LOADING:
             assert slot.load is not None
-            self._cancel_load(slot)
+            self._cancel_load(slot, reason)
             with contextlib.suppress(DynllmError):
                 await asyncio.shield(slot.load)
             return True
-        await asyncio.shield(self._begin_unload(slot, "unloaded by request"))
+        await asyncio.shield(self._begin_unload(slot, reason))
         return True
 
     def flush_usage(self) -> None:
@@ -702,7 +757,7 @@ class Scheduler:
         the periodic job: one write per model per period instead of one per
         request keeps SQLite (and its thread) off the hot path."""
         for slot in self._used:
-            self._persist(slot.name, last_used=slot.last_used_wall)
+            self._usage(slot.name, slot.last_used_wall)
         self._used.clear()
 
     def idle_victims(self) -> list[Slot]:
@@ -720,7 +775,10 @@ class Scheduler:
     async def unload_idle(self) -> list[str]:
         self.flush_usage()
         victims = self.idle_victims()
-        tasks = [self._begin_unload(s, "idle timeout") for s in victims]
+        tasks = [
+            self._begin_unload(s, Reason.IDLE, f"unused for {self.config.unload_after(s.spec):g} s")
+            for s in victims
+        ]
         if tasks:
             await asyncio.shield(asyncio.gather(*tasks))  # never cut a stop short
         return [s.name for s in victims]
@@ -734,11 +792,11 @@ class Scheduler:
                 turn.set_exception(ShuttingDown("dynllm is shutting down"))
         loads = [s.load_task for s in self.slots.values() if s.load_task is not None]
         for slot in self.slots.values():
-            self._cancel_load(slot)
+            self._cancel_load(slot, Reason.SHUTDOWN)
         await asyncio.gather(*loads, return_exceptions=True)
         for slot in self.slots.values():
             if slot.state is ModelState.READY:
-                self._begin_unload(slot, "shutdown")
+                self._begin_unload(slot, Reason.SHUTDOWN)
         if self._unloads:
             await asyncio.wait(list(self._unloads))  # waits without cancelling them
 

@@ -1,8 +1,11 @@
 """SQLite state (aiosqlite): what each model's backend is doing, across restarts.
 
-The scheduler owns the live state; the store is its durable shadow.  ``record()``
-updates an in-memory copy of every row and marks the row dirty; one writer task
-writes the dirty rows, so the request path never waits on the disk.
+The scheduler owns the live state; the store is its durable shadow, fed by
+the scheduler's lifecycle events (``on_event``, the first subscriber of the
+app's ``EventHub``) and by its periodic ``last_used`` flush (``record_usage``).
+``record()`` updates an in-memory copy of every row and marks the row dirty;
+one writer task writes the dirty rows, so the request path never waits on the
+disk.
 ``flush()`` waits until everything recorded so far is written (or a write
 attempt failed: the rows stay dirty and are retried in the background).
 
@@ -51,6 +54,7 @@ import aiosqlite
 import psutil
 
 from dynllm.backends.base import MARKER_ENV
+from dynllm.events import LifecycleEvent, ModelState, Reason
 from dynllm.proctree import KILL_WAIT_SECONDS, alive, find_marked, killpg, terminate
 
 log = logging.getLogger("dynllm.store")
@@ -113,6 +117,37 @@ def _check_columns(fields: Iterable[str]) -> None:
     unknown = set(fields) - set(COLUMNS)
     if unknown:
         raise ValueError(f"unknown state columns: {sorted(unknown)}")
+
+
+def columns(event: LifecycleEvent) -> dict[str, Any]:
+    """The row fields a lifecycle event changes (none for a note such as a
+    cooldown): the facts of the new state, and ``last_error`` where the
+    change sets or clears it."""
+    old, new = event.from_state, event.to_state
+    if old is new:
+        return {}
+    fields: dict[str, Any] = {"status": new.value}
+    if new is ModelState.LOADING:
+        fields["vram_mb"] = event.vram_mb
+    elif new is ModelState.READY:
+        fields.update(
+            pid=event.pid,
+            pgid=event.pgid,
+            proc_started_at=event.proc_started_at,
+            port=event.port,
+            loaded_at=event.at,
+            last_used=event.at,
+            load_count=event.load_count,
+            last_error=None,
+        )
+    elif new is ModelState.UNLOADED:
+        if old is ModelState.LOADING:  # a failed or cancelled load
+            fields.update(pid=None, port=None, last_error=event.last_error)
+        else:
+            fields.update(pid=None, pgid=None, port=None)
+            if event.reason is Reason.CRASHED:
+                fields["last_error"] = event.last_error
+    return fields
 
 
 def _upsert(name: str, fields: dict[str, Any], now: float) -> tuple[str, tuple[Any, ...]]:
@@ -396,6 +431,16 @@ class Store:
         self._dirty.update(self._rows)  # a fresh file gets every row
 
     # ---- writes (one writer) ---------------------------------------------------
+    def on_event(self, event: LifecycleEvent) -> None:
+        """The store's subscriber to lifecycle events."""
+        fields = columns(event)
+        if fields:
+            self.record(event.model, **fields)
+
+    def record_usage(self, name: str, last_used: float | None) -> None:
+        """When the model last finished a request (written in batches)."""
+        self.record(name, last_used=last_used)
+
     def record(self, name: str, **fields: Any) -> None:
         _check_columns(fields)
         self._rows.setdefault(name, {}).update(fields)

@@ -13,7 +13,9 @@ starts in turn -- workers, a daemonized helper that left the group -- is its
 tree (``dynllm.proctree``): a stop signals all of it, and EXITED (with the
 port and VRAM it frees) waits until none of it is left.  stdout and stderr
 are drained continuously into a ring buffer: an unread pipe would block the
-child once the pipe fills.
+child once the pipe fills.  Each line is also logged, tagged by model
+(logger ``dynllm.backend.<model>``, at the config's ``backend_log_level``),
+and handed to ``on_line`` (the followers of ``GET /admin/models/{m}/logs?follow=true``).
 
 Readiness only trusts a listener the tree owns: before each probe (and again
 before READY) the port's listening sockets are matched against the tree's
@@ -94,6 +96,16 @@ class _Protocol(asyncio.subprocess.SubprocessStreamProtocol):
         self._main_exited.set()
 
 
+def as_log_level(level: int | str) -> int:
+    """A level as ``logging`` numbers it, from a number or a name ("info")."""
+    if isinstance(level, int):
+        return level
+    number = logging.getLevelName(level.upper())
+    if not isinstance(number, int):
+        raise ValueError(f"unknown log level {level!r}")
+    return number
+
+
 def _die_with_parent() -> None:
     """Runs in the child between fork and exec."""
     try:
@@ -114,6 +126,8 @@ class BackendProcess:
         *,
         tag: str = "",
         on_exit: Callable[[BackendProcess], None] | None = None,
+        log_level: int | str = logging.INFO,
+        on_line: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
         self._proc = proc
@@ -126,6 +140,9 @@ class BackendProcess:
         self.lines: deque[str] = deque(maxlen=LOG_LINES)
         self._stderr: deque[str] = deque(maxlen=LOG_LINES)
         self._log = logging.getLogger(f"dynllm.backend.{name}")
+        self._log_level = as_log_level(log_level)
+        self._log_extra = {"model": name}
+        self._on_line = on_line
         self._on_exit = on_exit
         self.exited = asyncio.Event()
         """Set once the main process and the rest of its tree are gone."""
@@ -145,7 +162,12 @@ class BackendProcess:
         env: Mapping[str, str],
         *,
         on_exit: Callable[[BackendProcess], None] | None = None,
+        log_level: int | str = logging.INFO,
+        on_line: Callable[[str], None] | None = None,
     ) -> BackendProcess:
+        """Start ``argv``.  Its output lines are logged at ``log_level`` (a
+        number or a name such as the config's ``backend_log_level``) and
+        passed to ``on_line``."""
         # Orphans of the backend (a daemonized helper, the workers of a main
         # process that crashed) come back to dynllm instead of init, where
         # stop() finds them.  Idempotent; a process-wide setting.
@@ -171,7 +193,15 @@ class BackendProcess:
                 f"cannot start backend for '{name}': {argv[0]}: {exc.strerror or exc}"
             ) from None
         proc = asyncio.subprocess.Process(transport, protocol, loop)
-        return cls(name, proc, main_exited, tag=tag, on_exit=on_exit)
+        return cls(
+            name,
+            proc,
+            main_exited,
+            tag=tag,
+            on_exit=on_exit,
+            log_level=log_level,
+            on_line=on_line,
+        )
 
     # ---- state --------------------------------------------------------------
     def _move(self, new: ProcState) -> None:
@@ -204,7 +234,14 @@ class BackendProcess:
             self.lines.append(line)
             if label == "err":
                 self._stderr.append(line)
-            self._log.debug("%s", line)
+            self._log.log(self._log_level, "%s", line, extra=self._log_extra)
+            if self._on_line is not None:
+                try:
+                    self._on_line(line)
+                except Exception:
+                    # Draining must go on whatever a follower does: an unread
+                    # pipe would block the backend once it fills.
+                    self._log.exception("passing a line to its followers failed")
 
     async def _watch(self) -> None:
         await self._main_exited.wait()

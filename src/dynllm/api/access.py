@@ -5,7 +5,7 @@ Routes fall in three classes, decided by path alone:
 
     public     /health, /v2/health/live, /v2/health/ready,  never need a key
                /, /ui and /ui/NAME (the dashboard's files)
-    admin      /admin/...                                    an admin key; with none
+    admin      /admin/..., /metrics                          an admin key; with none
                                                              configured, loopback clients only
     inference  everything else (the /v1 and /v2 APIs,        a key when any key is configured
                /docs, /openapi.json)
@@ -50,6 +50,8 @@ PUBLIC_PATHS = frozenset({"/", "/health", "/v2/health/live", "/v2/health/ready"}
 # with the key the user types), and a browser's navigation sends no key.
 UI_PREFIX = "/ui"
 ADMIN_PREFIX = "/admin"
+# Prometheus metrics: model names, traffic and VRAM are the admin's business.
+ADMIN_PATHS = frozenset({"/metrics"})
 REMOTE_ADMIN_HINT = (
     "Admin routes answer only clients on this machine while no admin key is set; "
     "set admin_api_keys in the config (or DYNLLM_ADMIN_API_KEYS) to manage dynllm remotely"
@@ -67,7 +69,7 @@ class RouteClass(Enum):
 def classify(path: str) -> RouteClass:
     if path in PUBLIC_PATHS or is_ui_file(path):
         return RouteClass.PUBLIC
-    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/") or path in ADMIN_PATHS:
         return RouteClass.ADMIN
     return RouteClass.INFERENCE
 

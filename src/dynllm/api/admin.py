@@ -1,16 +1,20 @@
-"""Admin and status routes: model state, manual load/unload, backend logs, health."""
+"""Admin and status routes: model state, manual load/unload, backend logs (and
+their live stream), lifecycle events as a stream, metrics, health."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dynllm import __version__
+from dynllm.api import sse
 from dynllm.api.bodies import parse_json_object
 from dynllm.config import ModelConfig
 from dynllm.errors import BadRequest, ModelBusy, invalid_request
+from dynllm.events import Feed, LifecycleEvent, Reason
+from dynllm.metrics import CONTENT_TYPE
 
 
 class ModelRequest(BaseModel):
@@ -24,12 +28,16 @@ def _services(request: Request) -> Any:
 
 
 def _model_view(services: Any, spec: ModelConfig) -> dict[str, Any]:
+    scheduler = services.scheduler
+    slot = scheduler.slots[spec.name]
     return {
         "name": spec.name,
         "aliases": list(spec.aliases),
         "backend": spec.backend.value,
         "model_type": spec.model_type.value,
-        **services.scheduler.snapshot(services.scheduler.slots[spec.name]),
+        **scheduler.snapshot(slot),
+        # Waiting for its load, for VRAM, or for a max_concurrent_requests slot.
+        "queued": scheduler.waiting(slot) + services.admission.waiting(spec.name),
     }
 
 
@@ -79,11 +87,49 @@ async def admin_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/admin/models/{model}/logs")
-async def admin_logs(request: Request, model: str, lines: int = 200) -> dict[str, Any]:
+@router.get("/admin/models/{model}/logs", response_model=None)
+async def admin_logs(
+    request: Request, model: str, lines: int = 200, follow: bool = False
+) -> dict[str, Any] | Response:
+    """The backend's recent output.  With ``follow=true``, a text/event-stream:
+    the same tail, then each new line as it comes (across restarts of the
+    model), each as ``data: {"model", "line"}``."""
     services = _services(request)
     spec = services.registry.get(model)
-    return {"model": spec.name, "lines": services.effects.logs(spec.name)[-max(lines, 0) :]}
+    name = spec.name
+    if not follow:
+        return {"model": name, "lines": services.effects.logs(name)[-max(lines, 0) :]}
+
+    def open_feed() -> tuple[Feed[str], list[bytes]]:
+        feed = services.lines.feed(name)  # in the same step as the tail: no gap
+        return feed, [render(line) for line in services.effects.logs(name)[-max(lines, 0) :]]
+
+    def render(line: str) -> bytes:
+        return sse.frame({"model": name, "line": line})
+
+    return sse.response(sse.relay(open_feed, render, services.events.keepalive_seconds))
+
+
+@router.get("/admin/events")
+async def admin_events(request: Request) -> Response:
+    """Lifecycle events as a text/event-stream, from the moment ``: connected``
+    is sent: ``event: lifecycle`` with ``data: {"model", "from", "to",
+    "reason", "detail", "at", "duration_s"}``."""
+    services = _services(request)
+
+    def open_feed() -> tuple[Feed[LifecycleEvent], list[bytes]]:
+        return services.events.feed(), []
+
+    def render(event: LifecycleEvent) -> bytes:
+        return sse.frame(event.public(), "lifecycle")
+
+    return sse.response(sse.relay(open_feed, render, services.events.keepalive_seconds))
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (an admin route: an admin key when keys are set)."""
+    return Response(_services(request).metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 async def _model_request(request: Request) -> ModelRequest:
@@ -105,7 +151,7 @@ async def admin_load(request: Request) -> dict[str, Any]:
     spec = services.registry.get(body.model)
     if body.force:
         services.scheduler.clear_cooldown(spec)
-    lease = await services.scheduler.acquire(spec)
+    lease = await services.scheduler.acquire(spec, Reason.ADMIN)
     lease.release()
     return {"model": spec.name, "loaded": True, **_model_view(services, spec)}
 
