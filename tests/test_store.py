@@ -20,10 +20,14 @@ import psutil
 import pytest
 
 from dynllm.backends.base import MARKER_ENV, MODEL_ENV
+from dynllm.errors import BackendExited
+from dynllm.events import EventHub
+from dynllm.scheduler import Scheduler
 from dynllm.store import MIGRATIONS, StateError, StateLocked, Store
 from tests.conftest import FAKE_SERVER, apoll, poll
 from tests.support.net import free_port
 from tests.support.trees import gone, kill_all, read_tree, tree_command
+from tests.test_scheduler import AB, Clock, FakeEffects, make_config, spec
 
 
 def spawn_backend(marker: str | None, *extra: str) -> subprocess.Popen[bytes]:
@@ -69,6 +73,45 @@ async def test_schema_wal_and_queued_writes(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "state.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+async def test_lifecycle_events_and_usage_reach_the_file(tmp_path: Path) -> None:
+    """The store as the scheduler's first event subscriber: a load, a crash
+    and a failed load, and the periodic last_used flush, as rows on disk."""
+    store = Store(tmp_path / "state.db", "m1")
+    await store.open()
+    try:
+        hub = EventHub()
+        hub.subscribe(store.on_event)
+        clock = Clock()
+        fx = FakeEffects()
+        s = Scheduler(
+            make_config(AB), fx, hub.publish, usage=store.record_usage, clock=clock, wall=clock
+        )
+        (await s.acquire(spec(s, "A"))).release()
+        assert await store.flush()
+        row = (await store.rows())["A"]
+        handle = fx.handles["A"]
+        assert (row["status"], row["pid"], row["pgid"], row["port"]) == (
+            "loaded", handle.pid, handle.pgid, s.slots["A"].port
+        )  # fmt: skip
+        assert row["load_count"] == 1 and row["vram_mb"] == 6000 and row["last_error"] is None
+        clock.now += 10
+        (await s.acquire(spec(s, "A"))).release()
+        s.flush_usage()  # what the idle job does
+        assert await store.flush()
+        assert (await store.rows())["A"]["last_used"] == s.slots["A"].last_used_wall
+        handle.crash(code=9)
+        fx.fail_next["B"] = BackendExited("no", exit_code=1, stderr_tail=[])
+        with pytest.raises(BackendExited):
+            await s.acquire(spec(s, "B"))
+        assert await store.flush()
+        rows = await store.rows()
+        assert rows["A"]["status"] == "unloaded" and rows["A"]["pid"] is None
+        assert rows["A"]["last_error"] == "backend exited unexpectedly with code 9: boom"
+        assert rows["B"]["status"] == "unloaded" and rows["B"]["last_error"] == "no"
+    finally:
+        await store.close()
 
 
 async def test_unknown_column_is_refused(tmp_path: Path) -> None:

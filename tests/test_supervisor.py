@@ -5,6 +5,7 @@ readiness never probes a listener the backend does not own."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -79,6 +80,54 @@ async def test_heavy_output_is_drained_and_kept_in_a_ring(
 def state_of(proc: BackendProcess) -> ProcState:
     """The state now (mypy keeps an earlier assert's narrowing across awaits)."""
     return proc.state
+
+
+def fake_argv(port: int, *extra: str) -> list[str]:
+    return [sys.executable, str(FAKE_SERVER), "-m", "x", "--port", str(port), "--alias", "t",
+            *extra]  # fmt: skip
+
+
+async def test_output_is_logged_at_its_level_tagged_by_model_and_passed_on(
+    probe: httpx.AsyncClient, env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    seen: list[str] = []
+    with caplog.at_level(logging.DEBUG, logger="dynllm.backend"):
+        proc = await BackendProcess.spawn(
+            "t", fake_argv(port), env, log_level="warning", on_line=seen.append
+        )
+        try:
+            await proc.wait_ready(probe, f"http://127.0.0.1:{port}/health", interval=0.02,
+                                  timeout=30)  # fmt: skip
+        finally:
+            await proc.stop(3)
+    records = [r for r in caplog.records if r.name == "dynllm.backend.t"]
+    print(f"{len(records)} backend line(s) logged, levels {sorted({r.levelname for r in records})}")
+    assert any("model loaded" in r.getMessage() for r in records)
+    assert all(r.levelno == logging.WARNING and r.model == "t" for r in records)  # type: ignore[attr-defined]
+    assert seen == list(proc.lines) == [r.getMessage() for r in records]  # every line, in order
+
+
+async def test_a_failing_line_follower_does_not_stop_the_draining(
+    probe: httpx.AsyncClient, env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unread pipe would block the backend once it fills: lines are still
+    read (and kept) when the follower raises."""
+
+    def broken(line: str) -> None:
+        raise RuntimeError("follower bug")
+
+    port = free_port()
+    proc = await BackendProcess.spawn(
+        "t", fake_argv(port, "--fake-stderr-spam", "20000"), env, on_line=broken
+    )
+    try:
+        await proc.wait_ready(probe, f"http://127.0.0.1:{port}/health", interval=0.02, timeout=30)
+        assert len(proc.lines) == LOG_LINES
+    finally:
+        await proc.stop(3)
+    failures = [r for r in caplog.records if "passing a line" in r.getMessage()]
+    assert len(failures) == 1 and "follower bug" in caplog.text  # once, not per line
 
 
 async def test_exit_during_load_is_reported_at_once(

@@ -240,8 +240,10 @@ class BackendProcess:
                     self._on_line(line)
                 except Exception:
                     # Draining must go on whatever a follower does: an unread
-                    # pipe would block the backend once it fills.
-                    self._log.exception("passing a line to its followers failed")
+                    # pipe would block the backend once it fills.  A broken
+                    # follower is dropped (and logged once, not per line).
+                    self._on_line = None
+                    self._log.exception("passing a line to its followers failed; no longer passed")
 
     async def _watch(self) -> None:
         await self._main_exited.wait()
