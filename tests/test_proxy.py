@@ -19,12 +19,13 @@ from dynllm.api.bodies import Spool
 from dynllm.errors import BackendError
 from dynllm.proxy import (
     BackendGone,
-    Finish,
+    Exchange,
     LiveConnector,
     UpstreamResponse,
     forward,
     make_client,
     not_sent,
+    note_usage,
     request_headers,
     response_headers,
 )
@@ -448,7 +449,7 @@ async def test_an_error_body_in_pieces_is_read_whole_and_keeps_the_backends_head
 
     try:
         answer = await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
-        await answer.send_to(send, Finish())
+        await answer.send_to(send, Exchange())
         assert sent[0]["status"] == 429 and lease.released == 1
         headers = dict(sent[0]["headers"])
         assert headers[b"retry-after"] == b"7" and headers[b"x-request-id"] == b"abc"
@@ -465,3 +466,104 @@ def test_expect_is_not_forwarded() -> None:
     raw = [(b"Expect", b"100-continue"), (b"X-Id", b"1")]
     assert list(request_headers(raw).items()) == [("X-Id", "1")]
     assert "expect" not in request_headers(raw, "application/json")
+
+
+# ---- what the relay notes for the request record ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tail", "tokens"),
+    [
+        (b'{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":34,"total_tokens":46}}',
+         (12, 34)),
+        # llama-server puts timings after it; spaces after the colon
+        (b'"usage": {"prompt_tokens": 5, "completion_tokens": 7}, "timings": {"a": 1}}', (5, 7)),
+        # the Responses API
+        (b'"usage":{"input_tokens":3,"output_tokens":4,"output_tokens_details":{"r":0}}}', (3, 4)),
+        # embeddings: no completion tokens
+        (b'"usage":{"prompt_tokens":9,"total_tokens":9}}', (9, None)),
+        # a stream's last chunks: the usage event, then [DONE]
+        (b'data: {"choices":[{"delta":{}}],"usage":null}\n\ndata: {"choices":[],"usage":'
+         b'{"prompt_tokens":1,"completion_tokens":2}}\n\ndata: [DONE]\n\n', (1, 2)),
+        # nothing to find, or nothing usable
+        (b'data: {"choices":[],"usage":null}\n\ndata: [DONE]\n\n', (None, None)),
+        (b'{"content": "a \\"usage\\": {\\"prompt_tokens\\": 1} in the text"}', (None, None)),
+        (b'"usage":{"prompt_tokens":1,"completion', (None, None)),  # cut off
+        (b'"usage":{"prompt_tokens":true,"completion_tokens":"2"}}', (None, None)),
+        (b'"type":"usage"}', (None, None)),
+        (b"\xff\xfe not even text", (None, None)),
+    ],
+)  # fmt: skip
+def test_usage_is_read_from_the_tail_only(tail: bytes, tokens: tuple[int | None, ...]) -> None:
+    ex = Exchange()
+    note_usage(ex, tail)
+    assert (ex.prompt_tokens, ex.completion_tokens) == tokens
+
+
+async def _serve_once(head: bytes, body: bytes) -> asyncio.Server:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(head + body)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def _relay(server: asyncio.Server, ex: Exchange) -> list[MutableMapping[str, Any]]:
+    client = make_client(make_config([]))
+    lease = _Lease(server.sockets[0].getsockname()[1])
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    try:
+        answer = await forward(client, lease, "POST", "/v1/x", b"{}", [])  # type: ignore[arg-type]
+        await answer.send_to(send, ex)
+        assert lease.released == 1
+        return sent
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_a_relayed_body_is_counted_with_its_first_byte_and_usage() -> None:
+    body = b'{"choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3}}'
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    ex = Exchange()
+    before = time.monotonic()
+    sent = await _relay(await _serve_once(head % len(body), body), ex)
+    assert sent[0]["status"] == 200 and sent[1]["body"] == body
+    assert (ex.status, ex.sent, ex.prompt_tokens, ex.completion_tokens) == (200, len(body), 2, 3)
+    assert ex.first_byte is not None and ex.first_byte >= before and ex.done
+
+
+async def test_an_answer_after_loading_progress_goes_into_the_open_stream() -> None:
+    stream = b'data: {"choices":[]}\n\ndata: [DONE]\n\n'
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-backend: 1\r\n\r\n"
+    ex = Exchange()
+    ex.started = ex.progress = True  # loading progress sent the status line
+    sent = await _relay(await _serve_once(head, stream), ex)
+    assert all(m["type"] == "http.response.body" for m in sent)  # no second status line
+    assert b"".join(m["body"] for m in sent) == stream and ex.sent == len(stream)
+    # a backend that answers the streaming request with plain JSON: an error event
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+    ex = Exchange()
+    ex.started = ex.progress = True
+    (only,) = await _relay(await _serve_once(head, b"{}"), ex)
+    assert only["body"].startswith(b"data: {") and not only["more_body"]
+    assert json.loads(only["body"][6:])["error"]["message"] == (
+        "The backend for 'm' answered a streaming request without an event stream"
+    )
+    assert ex.status == 502
+    # a backend's error answer: one error event, its status kept for the record
+    error = b'{"error": {"message": "context too long", "code": 400}}'
+    head = (
+        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    )
+    ex = Exchange()
+    ex.started = ex.progress = True
+    (only,) = await _relay(await _serve_once(head % len(error), error), ex)
+    assert json.loads(only["body"][6:])["error"]["message"] == "context too long"
+    assert only["body"].endswith(b"\n\n") and ex.status == 400

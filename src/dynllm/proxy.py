@@ -20,8 +20,10 @@ the dispatcher then sends it, once, to a restarted backend.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
+import time
 from collections.abc import Iterable
 
 import aiohttp
@@ -33,7 +35,14 @@ from starlette.types import Send
 
 from dynllm.api.bodies import Spool
 from dynllm.config import Config
-from dynllm.errors import BackendError, BadRequest, MidStreamFailure, Shape, from_backend
+from dynllm.errors import (
+    BackendError,
+    BadRequest,
+    DynllmError,
+    MidStreamFailure,
+    Shape,
+    from_backend,
+)
 from dynllm.scheduler import Lease
 
 log = logging.getLogger("dynllm.proxy")
@@ -169,32 +178,110 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]], is_sse: bool) -> list[t
     return out
 
 
-class Finish:
-    """Set by the relay just before its last body message, so the disconnect
-    watcher can tell a client that left from a response that completed."""
+class Exchange:
+    """One request's response as it goes, shared by whoever sends it (the
+    relay, an error reply, loading progress), the disconnect watcher and the
+    request record.  Plain slots: set in place, never copied.
 
-    __slots__ = ("done", "started")
+    ``done`` is set just before the last body message, so the watcher can
+    tell a client that left from a response that completed; ``started``
+    once the status line went out (by the relay, an error reply or loading
+    progress); ``progress`` when that start was loading progress's, so an
+    event stream is open and the answer or its error goes into it."""
+
+    __slots__ = (
+        "cold",
+        "completion_tokens",
+        "done",
+        "first_byte",
+        "load_ms",
+        "progress",
+        "prompt_tokens",
+        "queued_ms",
+        "sent",
+        "started",
+        "status",
+    )
 
     def __init__(self) -> None:
         self.started = False
         self.done = False
+        self.progress = False
+        self.status = 0
+        self.first_byte: float | None = None
+        """time.monotonic() when the answer's first body byte went out."""
+        self.sent = 0
+        """Body bytes sent to the client."""
+        self.queued_ms = 0.0
+        self.load_ms = 0.0
+        self.cold = False
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+
+    async def end_stream_with(self, send: Send, error: DynllmError) -> None:
+        """End an event stream that already started with one SSE error event
+        (the status is gone: the error's is what the record keeps)."""
+        event = error.sse_event()
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+        self.status = error.status
+        self.done = True
+        self.sent += len(event)
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+
+
+USAGE_TAIL = 4096
+"""How far from a body's end ``usage`` is looked for: OpenAI-shaped answers
+put it last, or after little more than ``timings``."""
+_DECODER = json.JSONDecoder()
+
+
+def note_usage(ex: Exchange, tail: bytes) -> None:
+    """Token counts from the last ``"usage"`` object in ``tail`` (the end of a
+    JSON body, or a stream's last chunks): chat and completions' ``prompt_tokens``
+    / ``completion_tokens``, the Responses API's ``input_tokens`` /
+    ``output_tokens``.  A byte search and one small decode, never a parse of
+    the whole body; anything unexpected leaves the counts unknown.
+
+    ``"usage"`` with its quotes cannot occur inside a JSON string (a quote
+    there is escaped), so a match is a key (or that exact string value)."""
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return
+    text = tail[at + 7 :].decode("utf-8", "replace").lstrip()
+    if not text.startswith(":"):
+        return
+    try:
+        usage, _ = _DECODER.raw_decode(text, len(text) - len(text[1:].lstrip()))
+    except ValueError:  # cut off, or not JSON after all
+        return
+    if not isinstance(usage, dict):
+        return  # "usage": null in every chunk but the last (vLLM, include_usage)
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    completion = usage.get("completion_tokens", usage.get("output_tokens"))
+    if type(prompt) is int:
+        ex.prompt_tokens = prompt
+    if type(completion) is int:
+        ex.completion_tokens = completion
 
 
 class UpstreamResponse:
     """An ASGI-style response that relays an upstream response chunk by chunk."""
 
-    __slots__ = ("is_sse", "lease", "upstream")
+    __slots__ = ("has_usage", "is_sse", "lease", "upstream")
 
     def __init__(self, upstream: aiohttp.ClientResponse, lease: Lease) -> None:
         self.upstream = upstream
         self.lease = lease
-        self.is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        content_type = upstream.headers.get("content-type", "")
+        self.is_sse = content_type.startswith("text/event-stream")
+        # Where a backend reports token usage: JSON bodies and event streams.
+        self.has_usage = self.is_sse or "json" in content_type
 
-    async def send_to(self, send: Send, finish: Finish) -> None:
+    async def send_to(self, send: Send, ex: Exchange) -> None:
         complete = False
         try:
-            await self._relay(send, finish)
-            complete = True
+            complete = await self._relay(send, ex)
         finally:
             if complete:
                 self.upstream.release()  # back to the pool if fully read
@@ -202,37 +289,73 @@ class UpstreamResponse:
                 self.upstream.close()
             self.lease.release()
 
-    async def _relay(self, send: Send, finish: Finish) -> None:
+    async def _relay(self, send: Send, ex: Exchange) -> bool:
+        """Relay the answer; whether the backend's body was read to its end."""
         upstream = self.upstream
-        finish.started = True
-        await send(
-            {
-                "type": "http.response.start",
-                "status": upstream.status,
-                "headers": response_headers(upstream.raw_headers, self.is_sse),
-            }
-        )
+        if not ex.started:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": upstream.status,
+                    "headers": response_headers(upstream.raw_headers, self.is_sse),
+                }
+            )
+            ex.started = True
+            ex.status = upstream.status
+        elif not self.is_sse:
+            # Loading progress already began an event stream, and the backend
+            # answered the streaming request with something else: it cannot
+            # go into the stream.
+            name = self.lease.spec.name
+            log.warning("backend for '%s' answered a streaming request without a stream", name)
+            error = BackendError(
+                f"The backend for '{name}' answered a streaming request without an event stream"
+            )
+            await ex.end_stream_with(send, error)
+            return False
+        sent = 0
         try:
             length = upstream.content_length
             if length is not None and length <= WHOLE_BODY_BYTES:
                 # A small answer of known size (most non-streamed ones): one
                 # body message instead of one per received piece plus an end.
                 body = await upstream.read()
-                finish.done = True
+                ex.first_byte = time.monotonic()
+                sent = len(body)
+                if self.has_usage:
+                    note_usage(ex, body[-USAGE_TAIL:])
+                ex.done = True
                 await send({"type": "http.response.body", "body": body, "more_body": False})
-                return
+                return True
+            # Only the last two pieces are kept, for the usage chunk of a
+            # stream (followed by "data: [DONE]", maybe in a piece of its own).
+            previous = last = b""
             async for chunk in upstream.content.iter_any():
+                if not sent:
+                    ex.first_byte = time.monotonic()
+                sent += len(chunk)
+                previous, last = last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if self.has_usage and sent:
+                tail = last if b'"usage"' in last else (previous + last)[-2 * USAGE_TAIL :]
+                note_usage(ex, tail[-2 * USAGE_TAIL :])
         except (TimeoutError, aiohttp.ClientError) as exc:
             name = self.lease.spec.name
             what = plain_failure(exc)
             log.warning("backend for '%s' failed mid-response: %s", name, what)
-            if not self.is_sse:
-                raise  # the server drops the connection: the client sees a truncated body
             error = MidStreamFailure(f"The backend for '{name}' failed mid-stream: {what}")
-            await send({"type": "http.response.body", "body": error.sse_event(), "more_body": True})
-        finish.done = True
+            if not self.is_sse:
+                ex.status = error.status  # what the request amounted to
+                raise  # the server drops the connection: the client sees a truncated body
+            await ex.end_stream_with(send, error)
+            return False
+        finally:
+            ex.sent += sent
+        if ex.first_byte is None:
+            ex.first_byte = time.monotonic()
+        ex.done = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
 
 
 async def send_json_payload(
@@ -253,9 +376,18 @@ class ErrorAnswer:
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         self.status, self.headers, self.body = status, headers, body
 
-    async def send_to(self, send: Send, finish: Finish) -> None:
+    async def send_to(self, send: Send, ex: Exchange) -> None:
+        ex.first_byte = time.monotonic()
+        ex.status = self.status
+        if ex.started:  # loading progress began an event stream: the error goes into it
+            event = b"data: " + self.body + b"\n\n"
+            ex.done = True
+            ex.sent += len(event)
+            await send({"type": "http.response.body", "body": event, "more_body": False})
+            return
         # Both flags at once: the answer is whole in hand, nothing is left to cancel.
-        finish.started = finish.done = True
+        ex.started = ex.done = True
+        ex.sent += len(self.body)
         await send_json_payload(send, self.status, self.body, self.headers)
 
 

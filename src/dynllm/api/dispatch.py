@@ -14,6 +14,17 @@ the request, wherever it is (queued for VRAM, waiting on a load, waiting for
 the backend's first byte, relaying a body or a stream).  Each of those steps
 undoes its own part on cancellation: the scheduler uncounts the request, the
 proxy closes the backend connection and frees the lease.
+
+Before the scheduler, a model with ``max_concurrent_requests`` passes its
+admission gate (``dynllm.admission``): a full line is a 429 at once.  A
+streaming request for a model that is not ready gets loading progress
+(``api.progress``) while it waits.
+
+Every request ends with one ``RequestRecord`` (``dynllm.requestlog``) handed
+to each of ``Services.request_sinks``: errors and clients that left
+included.  What it needs is gathered on the request's ``Exchange`` as it
+goes (a few ``time.monotonic()`` calls and counters), nothing per chunk
+beyond a byte count.
 """
 
 from __future__ import annotations
@@ -22,14 +33,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
+from dynllm.admission import Gate
 from dynllm.api import bodies
 from dynllm.api.access import is_json
+from dynllm.api.progress import LoadingProgress
 from dynllm.api.routes import Body, KServePath, ModelAt, Route
 from dynllm.backends import Upstream
 from dynllm.backends.base import rewrite_json_model
@@ -41,7 +56,11 @@ from dynllm.errors import (
     UnsupportedMediaType,
     WrongModelType,
 )
-from dynllm.proxy import Answer, BackendGone, Finish, forward, send_json_payload
+from dynllm.events import ModelState
+from dynllm.proxy import Answer, BackendGone, Exchange, forward, send_json_payload
+from dynllm.registry import ApiFamily
+from dynllm.requestlog import RequestRecord
+from dynllm.scheduler import Lease, Slot
 
 if TYPE_CHECKING:
     from dynllm.app import Services
@@ -49,6 +68,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("dynllm.api")
 JSON = "application/json"
 _INTERNAL = DynllmError("Internal error in dynllm; see its log")
+CLIENT_LEFT = 499  # nginx's "client closed request": no status reached anyone
+_PROGRESS_FAMILIES = frozenset({ApiFamily.CHAT, ApiFamily.COMPLETIONS, ApiFamily.RESPONSES})
 
 
 async def send_error(send: Send, exc: DynllmError, shape: Shape = Shape.OPENAI) -> None:
@@ -67,7 +88,7 @@ class ClientWatch:
 
     __slots__ = ("finish", "gone", "task", "watcher")
 
-    def __init__(self, receive: Receive, finish: Finish) -> None:
+    def __init__(self, receive: Receive, finish: Exchange) -> None:
         self.finish = finish
         self.gone = False
         task = asyncio.current_task()
@@ -190,51 +211,126 @@ async def dispatch(
     send: Send,
 ) -> None:
     """Serve one forwarded request: the whole hot path."""
-    if scope["method"] not in route.methods:
-        message = f"Method {scope['method']} not allowed on {scope['path']}; use {route.allow}"
-        await send_error(send, MethodNotAllowed(message, allow=route.allow), route.shape)
-        return
-    finish = Finish()
+    arrived = time.monotonic()
+    ex = Exchange()
     watch: ClientWatch | None = None
     incoming: Incoming | None = None
+    spec: ModelConfig | None = None
+    gate: Gate | None = None
+    progress: LoadingProgress | None = None
+    client_left = False
     try:
+        if scope["method"] not in route.methods:
+            message = f"Method {scope['method']} not allowed on {scope['path']}; use {route.allow}"
+            raise MethodNotAllowed(message, allow=route.allow)
         incoming = await read_request(services, route, kserve, scope, receive)
         spec = services.registry.for_family(incoming.label, route.family)
         upstream = _upstream(services, spec, route)
         path = upstream.path + (kserve.model_part if kserve is not None else "")
         body = incoming.to_backend(upstream)
+        slot = services.scheduler.slots[spec.name]
         # From here on a client that leaves cancels this task, wherever it waits.
-        watch = ClientWatch(receive, finish)
+        watch = ClientWatch(receive, ex)
+        if slot.state is not ModelState.READY and _wants_progress(services, route, incoming):
+            progress = LoadingProgress(send, ex, slot, arrived)
+        if (limit := spec.max_concurrent_requests) is not None:
+            gate = services.admission.gate(spec)
+            waited_from = time.monotonic()
+            try:
+                await gate.enter(
+                    limit, spec.max_queued_requests, services.config.queue_timeout_seconds
+                )
+            except BaseException:
+                gate = None  # not admitted: nothing to leave
+                raise
+            finally:
+                ex.queued_ms += (time.monotonic() - waited_from) * 1000
         answer = await lease_and_forward(
-            services, spec, scope, path, body, incoming.content_type, route.shape
+            services, spec, slot, ex, scope, path, body, incoming.content_type, route.shape
         )
-        await answer.send_to(send, finish)
+        if progress is not None:
+            progress.stop()  # before anything else is sent: the answer writes next
+        await answer.send_to(send, ex)
     except bodies.ClientGone:
-        return
+        client_left = True
     except DynllmError as exc:
-        await _reply_error(send, exc, route.shape, finish, watch)
+        await _reply_error(send, exc, route.shape, ex, watch, progress)
     except asyncio.CancelledError:
         if watch is None or not watch.gone:
             raise  # not ours: shutdown, or the server cancelled us
         asyncio.current_task().uncancel()  # type: ignore[union-attr]
     except Exception as exc:
-        if finish.started and isinstance(exc, aiohttp.ClientError | TimeoutError | OSError):
+        if ex.started and isinstance(exc, aiohttp.ClientError | TimeoutError | OSError):
             # A plain body broke off midway (logged by the relay); returning with
             # the response incomplete makes the server drop the connection, so
             # the client sees a truncated answer rather than a wrong one.
             return
         log.exception("unexpected error serving %s", scope["path"])
-        await _reply_error(send, _INTERNAL, route.shape, finish, watch)
+        await _reply_error(send, _INTERNAL, route.shape, ex, watch, progress)
     finally:
+        if progress is not None:
+            progress.stop()
+        if gate is not None:
+            gate.leave()
         if watch is not None:
+            client_left = client_left or watch.gone
             watch.close()
         if incoming is not None:
             incoming.close()
+        _record(services, route, spec, incoming, ex, arrived, client_left)
+
+
+def _wants_progress(services: Services, route: Route, incoming: Incoming) -> bool:
+    """A streaming request on an SSE route, with loading progress on."""
+    data = incoming.data
+    return (
+        data is not None
+        and data.get("stream") is True
+        and route.family in _PROGRESS_FAMILIES
+        and services.config.loading_progress
+    )
+
+
+def _record(
+    services: Services,
+    route: Route,
+    spec: ModelConfig | None,
+    incoming: Incoming | None,
+    ex: Exchange,
+    arrived: float,
+    client_left: bool,
+) -> None:
+    """Hand the request's record to every sink (after the response: a sink
+    never delays an answer, and one that fails never fails the request)."""
+    now = time.monotonic()
+    # Unknown (404) or never read: the name as sent, if any.
+    model = spec.name if spec is not None else incoming.label if incoming is not None else ""
+    first = ex.first_byte
+    record = RequestRecord(
+        model,
+        route.path,
+        CLIENT_LEFT if client_left or not ex.status else ex.status,
+        ex.queued_ms,
+        ex.load_ms,
+        ex.cold,
+        None if first is None else (first - arrived) * 1000,
+        (now - arrived) * 1000,
+        ex.sent,
+        ex.prompt_tokens,
+        ex.completion_tokens,
+    )
+    for sink in services.request_sinks:
+        try:
+            sink(record)
+        except Exception:
+            log.exception("a request sink failed")
 
 
 async def lease_and_forward(
     services: Services,
     spec: ModelConfig,
+    slot: Slot,
+    ex: Exchange,
     scope: Scope,
     path: str,
     body: bytes | bodies.Spool | None,
@@ -245,7 +341,11 @@ async def lease_and_forward(
     because the backend had just died (a crash a moment before, maybe not yet
     noticed by the scheduler) goes, once, to a restarted backend instead of
     failing with a 502; one that may have reached a backend is never re-sent."""
-    lease = await services.scheduler.acquire(spec)
+    scheduler = services.scheduler
+    if slot.state is ModelState.READY:
+        lease = await scheduler.acquire(spec)  # returns at once: nothing to time
+    else:
+        lease = await _timed(ex, slot, scheduler.acquire(spec))
     for tries_left in (1, 0):
         try:
             return await forward(
@@ -262,14 +362,62 @@ async def lease_and_forward(
         except BackendGone:  # forward released the lease
             if not tries_left:
                 raise
-            lease = await services.scheduler.replace(lease)
+            lease = await _timed(ex, slot, scheduler.replace(lease))
     raise AssertionError("unreachable")
 
 
+async def _timed(ex: Exchange, slot: Slot, waiting: Coroutine[Any, Any, Lease]) -> Lease:
+    """Await a lease, adding the wait to the request's queued and load times.
+
+    The request waited for a load (``cold``) if the model was loading when
+    it began waiting or a load began meanwhile (the slot's load future
+    changed).  Of a cold wait, the part since the backend process was
+    spawned (or since the request arrived, if later) is load time; the rest
+    (the scheduler's queue, evictions, a previous backend still stopping) is
+    queued time.  A wait that failed counts as load time if a load was
+    involved, else as queued time."""
+    state, load = slot.state, slot.load
+    began = time.monotonic()
+    lease: Lease | None = None
+    try:
+        lease = await waiting
+        return lease
+    finally:
+        waited = (time.monotonic() - began) * 1000
+        if state is ModelState.LOADING or slot.load is not load:
+            ex.cold = True
+            loading = waited
+            handle = slot.handle
+            if lease is not None and handle is not None:
+                spawned_ago = (time.time() - handle.started_at) * 1000
+                loading = min(max(spawned_ago, 0.0), waited)
+            ex.load_ms += loading
+            ex.queued_ms += waited - loading
+        else:
+            ex.queued_ms += waited
+
+
 async def _reply_error(
-    send: Send, exc: DynllmError, shape: Shape, finish: Finish, watch: ClientWatch | None
+    send: Send,
+    exc: DynllmError,
+    shape: Shape,
+    ex: Exchange,
+    watch: ClientWatch | None,
+    progress: LoadingProgress | None,
 ) -> None:
-    if finish.started or (watch is not None and watch.gone):
-        return  # too late for a status; or nobody to tell
+    if progress is not None:
+        progress.stop()  # nothing else may write from here on
+    if watch is not None and watch.gone:
+        return  # nobody to tell
     with contextlib.suppress(OSError):  # the client went away
-        await send_error(send, exc, shape)
+        if ex.progress and not ex.done:
+            # Loading progress began the event stream: the error ends it.
+            await ex.end_stream_with(send, exc)
+            return
+        if ex.started:
+            return  # too late for a status
+        status, headers, payload = exc.render(shape)
+        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        ex.started = ex.done = True
+        ex.status, ex.sent, ex.first_byte = status, len(payload), time.monotonic()
+        await send_json_payload(send, status, payload, raw)
