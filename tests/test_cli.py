@@ -8,7 +8,10 @@ temporary working directory with no ``DYNLLM_*`` variables inherited.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -24,8 +27,9 @@ import pytest
 
 from dynllm import __version__
 from dynllm.app import instance_marker
+from dynllm.cli import main as cli_main
 from dynllm.config import load_config
-from tests.conftest import ConfigFactory, backends_with_marker, poll
+from tests.conftest import ConfigFactory, backends_with_marker, poll, serve
 from tests.support.net import free_port, http_ok
 from tests.test_config import (
     DYNLLM_README_CONFIG,
@@ -391,3 +395,250 @@ def test_the_dynllm_command_serves_with_the_connection_limits(
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "too_many_connections"
     assert 0.95 <= dropped <= 1.6
+
+
+# ---- check-config: the three new findings, its forms, exit codes -------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_check_config_reports_the_three_new_problems(tmp_path: Path) -> None:
+    """A backend program that is missing, a route a backend cannot serve, and
+    pinned models that cannot all be loaded: warnings (exit 0), counted in
+    the first line.  A model type the backend cannot serve at all: exit 2."""
+    (tmp_path / "m.gguf").write_bytes(b"gguf")
+    (tmp_path / "ov").mkdir()
+    _write(
+        tmp_path / "c.yaml",
+        "total_vram_mb: 8000\n"
+        "enabled_backends: [llamacpp, openvino]\n"
+        "backend: {llamacpp_binary: /opt/none/llama-server, ovms_binary: /opt/none/ovms}\n"
+        "models:\n"
+        "  - {name: a, path: m.gguf, backend: llamacpp, vram_mb: 5000, pinned: true}\n"
+        "  - {name: b, path: ov, backend: openvino, vram_mb: 4000, pinned: true}\n",
+    )
+    result = run_cli(tmp_path, "check-config", "c.yaml")
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "c.yaml: OK, 2 model(s), VRAM budget 8000 MB; 3 warning(s)"
+    assert lines[1] == (
+        "WARNING: pinned models need 9000 MB together but total_vram_mb is 8000 MB "
+        "(a 5000 MB, b 4000 MB): pinned models are never evicted, so once some are loaded "
+        "the others cannot load until one is unloaded by hand"
+    )
+    assert "WARNING: the llamacpp backend program '/opt/none/llama-server' of model 'a'" in (
+        result.stdout
+    )
+    assert "WARNING: the openvino backend program '/opt/none/ovms' of model 'b'" in result.stdout
+    header_b = next(line for line in lines if line.startswith("b ("))
+    assert "openvino does not serve: responses" in header_b
+    assert list(commands(result.stdout)) == ["a", "b"]  # the command lines still follow
+
+    _write(
+        tmp_path / "type.yaml",
+        "models:\n  - {name: tts, path: m.gguf, backend: llamacpp, vram_mb: 10, "
+        "model_type: speech}\n",
+    )
+    wrong_type = run_cli(tmp_path, "check-config", "type.yaml")
+    assert wrong_type.returncode == EXIT_CONFIG
+    assert wrong_type.stderr.splitlines() == [
+        "dynllm: invalid config type.yaml:",
+        "  models[0].model_type ('tts'): the llamacpp backend cannot serve model_type "
+        "'speech' (it serves: llm, embedding, rerank)",
+    ]
+
+
+def test_check_config_reports_preload_that_cannot_stay_next_to_pinned(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"gguf")
+    _write(
+        tmp_path / "c.yaml",
+        f"backend: {{llamacpp_binary: {sys.executable}}}\n"  # a program that exists
+        "total_vram_mb: 8000\npreload_models: [q]\n"
+        "models:\n"
+        "  - {name: p, path: m.gguf, backend: llamacpp, vram_mb: 6000, pinned: true}\n"
+        "  - {name: q, path: m.gguf, backend: llamacpp, vram_mb: 3000}\n",
+    )
+    result = run_cli(tmp_path, "check-config", "c.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[:2] == [
+        "c.yaml: OK, 2 model(s), VRAM budget 8000 MB; 1 warning(s)",
+        "WARNING: preload_models and the pinned models need 9000 MB together but "
+        "total_vram_mb is 8000 MB (q 3000 MB, p 6000 MB): pinned models are never evicted, "
+        "so a preloaded model is evicted to make room for them (or cannot load behind them)",
+    ]
+
+
+def test_check_config_forms_agree(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"gguf")
+    _write(tmp_path / "c.yaml", "models:\n  - {name: a, path: m.gguf, backend: llamacpp, "
+                                "vram_mb: 10}\n")  # fmt: skip
+    forms = [
+        ["check-config", "c.yaml"],
+        ["check-config", "-c", "c.yaml"],
+        ["-c", "c.yaml", "check-config"],
+        ["--check-config", "c.yaml"],
+        ["--check-config", "-c", "c.yaml"],
+        ["-c", "c.yaml", "--check-config"],
+    ]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda argv: run_cli(tmp_path, *argv), forms))
+    assert results[0].returncode == 0 and results[0].stdout.startswith("c.yaml: OK, 1 model(s)")
+    for argv, result in zip(forms, results, strict=True):
+        assert (result.returncode, result.stdout) == (0, results[0].stdout), argv
+    env_form = run_cli(tmp_path, "check-config", env={"DYNLLM_CONFIG": "c.yaml"})
+    assert env_form.stdout == results[0].stdout
+
+
+def test_usage_errors_and_invalid_configs_have_different_exit_codes(tmp_path: Path) -> None:
+    _write(tmp_path / "bad.yaml", "models: [{name: a}]\n")
+    runs = {
+        "usage": ["frobnicate"],
+        "usage-option": ["check-config", "--bogus"],
+        "usage-missing-model": ["load"],
+        "config": ["check-config", "bad.yaml"],
+        "config-serve": ["-c", "bad.yaml"],
+        "config-port": ["--port", "eighty"],
+    }
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        outcomes = pool.map(lambda a: run_cli(tmp_path, *a), runs.values())
+        results = dict(zip(runs, outcomes, strict=True))
+    codes = {name: r.returncode for name, r in results.items()}
+    print(codes)
+    assert codes == {"usage": 64, "usage-option": 64, "usage-missing-model": 64,
+                     "config": 2, "config-serve": 2, "config-port": 2}  # fmt: skip
+    assert all("Traceback" not in r.stderr for r in results.values())
+    assert "invalid choice: 'frobnicate'" in results["usage"].stderr
+    assert "invalid --port 'eighty'" in results["config-port"].stderr
+
+
+# ---- the client commands against a running dynllm -------------------------------------
+
+ADMIN_KEY = "cli-admin-key-7c2e"
+
+
+@pytest.fixture
+def no_dynllm_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("DYNLLM_"):
+            monkeypatch.delenv(name)
+
+
+async def dynllm_cmd(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``dynllm ARGV`` in this process (a thread: the server runs on this loop)."""
+    code = await asyncio.to_thread(cli_main, list(argv))
+    out, err = capsys.readouterr()
+    print(f"$ dynllm {' '.join(argv)}  -> exit {code}\n{out}{err}", file=sys.__stdout__)
+    return code, out, err
+
+
+def table(text: str) -> dict[str, dict[str, str]]:
+    """A command's table as {first column: {header: cell}} (columns are
+    separated by two spaces or more)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    start = next(i for i, line in enumerate(lines) if line.startswith("MODEL"))
+    header = re.split(r"\s{2,}", lines[start].strip())
+    rows = [dict(zip(header, re.split(r"\s{2,}", line.strip()), strict=True))
+            for line in lines[start + 1 :] if not re.match(r"^\S+: ", line)]  # fmt: skip
+    return {row["MODEL"]: row for row in rows}
+
+
+async def test_status_models_load_unload_logs_against_a_running_dynllm(
+    make_config: ConfigFactory,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_dynllm_env: None,
+) -> None:
+    """Each command against a real dynllm (its address and admin key read
+    from its config file), with the fake llama-server as backend."""
+    path, config = make_config.write_and_load(
+        [
+            {"name": "chat", "aliases": ["c"], "extra_args": ["--fake-token-rate", "50"]},
+            {"name": "embed", "vram_mb": 500, "pinned": True, "unload_time": -1},
+        ],
+        admin_api_keys=[ADMIN_KEY],
+    )
+    c = ["-c", str(path)]
+    async with serve(config) as app:
+        app.client.headers["Authorization"] = f"Bearer {ADMIN_KEY}"
+        code, out, err = await dynllm_cmd(capsys, "status", *c)
+        assert code == 0, err
+        assert out.splitlines()[:2] == [
+            f"dynllm {__version__} at http://127.0.0.1:{config.server.port}",
+            "VRAM 0 of 8000 MB used (0%), 0 request(s) queued",
+        ]
+        rows = table(out)
+        assert rows["chat"]["STATE"] == "unloaded" and rows["chat"]["LAST USED"] == "never"
+        assert rows["embed"]["PID"] == "-"
+
+        started = time.monotonic()
+        code, out, err = await dynllm_cmd(capsys, "load", "c", *c)  # by its alias
+        took = time.monotonic() - started
+        print(f"dynllm load took {took:.2f} s", file=sys.__stdout__)  # not into capsys
+        assert code == 0, err
+        chat = (await app.admin_models())["chat"]
+        assert chat["status"] == "loaded"
+        assert re.fullmatch(
+            rf"loaded chat: port {chat['port']}, pid {chat['pid']} \(\d+\.\d\d s\)\n", out
+        )
+
+        # One request in flight: status shows it, and unload refuses without --force.
+        body = {"model": "chat", "stream": True, "max_tokens": 5000,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        async with app.client.stream("POST", "/v1/chat/completions", json=body) as stream:
+            chunks = stream.aiter_bytes()
+            assert await anext(chunks)  # the answer has started
+            code, out, err = await dynllm_cmd(capsys, "status", *c)
+            rows = table(out)
+            assert (rows["chat"]["STATE"], rows["chat"]["IN-FLIGHT"]) == ("loaded", "1")
+            assert rows["chat"]["PORT"] == str(chat["port"]) and rows["chat"]["PID"] == str(
+                chat["pid"]
+            )
+            assert out.splitlines()[1] == "VRAM 1000 of 8000 MB used (12%), 0 request(s) queued"
+
+            code, out, err = await dynllm_cmd(capsys, "unload", "chat", *c)
+            assert code == 1 and out == ""
+            assert err.startswith(
+                f"dynllm: {app.base_url} answered 409: The model 'chat' is serving 1 request(s)"
+            )
+            assert err.rstrip().endswith("(`dynllm unload chat --force` stops it anyway)")
+            assert (await app.admin_models())["chat"]["pid"] == chat["pid"]
+
+            code, out, err = await dynllm_cmd(capsys, "unload", "chat", "--force", *c)
+            assert (code, out) == (0, "unloaded chat\n"), err
+        assert (await app.admin_models())["chat"]["status"] == "unloaded"
+        code, out, _ = await dynllm_cmd(capsys, "unload", "chat", *c)
+        assert (code, out) == (0, "chat was not loaded\n")
+
+        code, out, _ = await dynllm_cmd(capsys, "logs", "chat", *c)
+        assert code == 0
+        assert f"fake-llama-server[{chat['pid']}] starting: alias=chat" in out
+        code, out, _ = await dynllm_cmd(capsys, "logs", "chat", "-n", "1", *c)
+        assert code == 0 and len(out.splitlines()) == 1
+
+        code, out, _ = await dynllm_cmd(capsys, "models", *c)
+        rows = table(out)
+        assert rows["chat"] == {"MODEL": "chat", "ALIASES": "c", "BACKEND": "llamacpp",
+                                "TYPE": "llm", "VRAM MB": "1000", "PINNED": "no",
+                                "UNLOAD AFTER": "5m00s", "STATE": "unloaded"}  # fmt: skip
+        assert (rows["embed"]["PINNED"], rows["embed"]["UNLOAD AFTER"]) == ("yes", "never")
+
+        code, out, _ = await dynllm_cmd(capsys, "status", "--json", *c)
+        state = json.loads(out)
+        assert state["version"] == __version__ and state["vram_total_mb"] == 8000
+        assert {m["name"]: m["status"] for m in state["models"]} == {
+            "chat": "unloaded",
+            "embed": "unloaded",
+        }
+
+        code, _, err = await dynllm_cmd(capsys, "load", "nope", *c)
+        assert code == 1
+        assert err == f"dynllm: {app.base_url} answered 404: The model 'nope' does not exist\n"
+
+        monkeypatch.setenv("DYNLLM_ADMIN_API_KEY", "not-the-key")
+        code, out, err = await dynllm_cmd(capsys, "status", *c)
+        assert code == 1 and f"{app.base_url} answered 401: The API key is not valid" in err
+        assert "not-the-key" not in out + err and ADMIN_KEY not in out + err

@@ -141,7 +141,7 @@ def test_reload_of_an_invalid_config_exits_2_with_the_services_words(
     with StubAdmin({("POST", "/admin/reload"): reply(400, error)}) as stub:
         code, out, err = run(capsys, "reload", "--url", stub.url)
     assert code == 2  # the same status as any invalid config
-    assert f"dynllm at {stub.url} refused the new config and keeps running the old one" in err
+    assert f"the service at {stub.url} refused the new config and keeps running the old one" in err
     assert "models[0].vram_mb: Input should be a valid integer" in err
     assert out == ""
 
@@ -155,7 +155,7 @@ def test_nothing_listening_exits_1_naming_the_url(capsys: pytest.CaptureFixture[
     code, out, err = run(capsys, "status", "--url", url)
     print(f"refused in {time.monotonic() - started:.3f} s")
     assert code == 1 and out == ""
-    assert err.startswith(f"dynllm: cannot reach dynllm at {url} (")
+    assert err.startswith(f"dynllm: cannot reach the service at {url} (")
     assert "is it running? (the address comes from --url" in err
 
 
@@ -166,7 +166,7 @@ def test_unreachable_address_from_the_config_says_where_it_came_from(
     (tmp_path / "config.yaml").write_text(f"server: {{host: 0.0.0.0, port: {port}}}\n")
     code, _, err = run(capsys, "models")
     assert code == 1
-    assert f"cannot reach dynllm at http://127.0.0.1:{port} (" in err
+    assert f"cannot reach the service at http://127.0.0.1:{port} (" in err
     assert "the address comes from config.yaml (server.host/port)" in err
 
 
@@ -184,7 +184,7 @@ def test_a_refused_key_exits_1_and_is_never_printed(
     with StubAdmin({("GET", "/health"): reply(401, unauthorized)}) as stub:
         code, out, err = run(capsys, "status", "--url", stub.url)
     assert code == 1
-    assert f"dynllm at {stub.url} answered 401: The API key is not valid" in err
+    assert f"{stub.url} answered 401: The API key is not valid" in err
     assert "set DYNLLM_ADMIN_API_KEY" in err
     assert SECRET not in out + err
 
@@ -274,7 +274,7 @@ def test_logs_follow_prints_lines_as_the_stream_brings_them() -> None:
     assert third == "request 1"
     assert code == 1  # the service ended the stream: not a normal end for a follower
     assert f"dynllm: {stub.url} ended the log stream" in err
-    assert stub.seen[0].query == "follow=true"
+    assert stub.seen[0].query == "follow=true&lines=200"
     assert stub.seen[0].headers["authorization"] == f"Bearer {SECRET}"
     assert SECRET not in err
 

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import resource
 import signal
 import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,8 +29,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dynllm import __version__
-from dynllm.client import AdminClient, ClientError, Target, url_for
+from dynllm import __version__, manage
+from dynllm.client import Target, url_for
 from dynllm.config import LOG_LEVELS, Config, LogLevel, ServerConfig
 from dynllm.configcheck import check_config, load_or_exit
 from dynllm.logsetup import configure_logging, uvicorn_log_options
@@ -99,6 +97,16 @@ def _serve_options(parser: argparse.ArgumentParser, env: EnvSettings | None) -> 
                         help=f"override log_level ({', '.join(LOG_LEVELS)})")  # fmt: skip
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def build_parser(env: EnvSettings) -> UsageParser:
     parser = UsageParser(
         prog="dynllm",
@@ -143,7 +151,8 @@ def build_parser(env: EnvSettings) -> UsageParser:
     logs = command("logs", "a model's backend output")
     logs.add_argument("model")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    logs.add_argument("-n", "--lines", type=int, default=200, help="recent lines (default 200)")
+    logs.add_argument("-n", "--lines", type=_count, default=200, metavar="N",
+                      help="recent lines to show first (default 200)")  # fmt: skip
     command("reload", "re-read the config file in the running service")
 
     # Every word after `demo` is dynllm.demo's, options and --help included: with
@@ -227,6 +236,7 @@ def _config_path(args: argparse.Namespace, env: EnvSettings) -> Path:
 
 def serve(args: argparse.Namespace, env: EnvSettings) -> int:
     level_override = _log_level(args.log_level)
+    _port(args.port)  # a wrong override is named before the config is read
     config = effective_config(load_or_exit(_config_path(args, env)), args, env)
     level = (level_override or config.log_level).upper()
     configure_logging(level, config.log_format)
@@ -331,198 +341,8 @@ def client_target(args: argparse.Namespace, env: EnvSettings) -> Target:
     return Target(url.rstrip("/"), keys[0] if keys else None, source)
 
 
-def _out(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def _table(header: list[str], rows: Iterable[list[str]]) -> str:
-    lines = [header, *rows]
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in lines
-    )
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours:02d}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
-def _ago(when: Any, now: float) -> str:
-    return f"{_duration(now - when)} ago" if isinstance(when, int | float) else "never"
-
-
-def _cell(value: Any) -> str:
-    return "-" if value is None else str(value)
-
-
-def render_status(health: dict[str, Any], state: dict[str, Any], url: str, now: float) -> str:
-    head = f"dynllm {health.get('version', '?')} at {url}"
-    if isinstance(health.get("uptime_seconds"), int | float):
-        head += f", up {_duration(health['uptime_seconds'])}"
-    used, total = state.get("vram_used_mb", 0), state.get("vram_total_mb", 0)
-    share = f" ({100 * used / total:.0f}%)" if total else ""
-    lines = [head, f"VRAM {used} of {total} MB used{share}"]
-    if "queued_requests" in health:
-        lines[-1] += f", {health['queued_requests']} request(s) queued"
-    models = state.get("models", [])
-    header = ["MODEL", "STATE", "PORT", "PID", "IN-FLIGHT", "QUEUED", "VRAM MB", "LAST USED"]
-    rows = [
-        [
-            m["name"],
-            _cell(m.get("status")),
-            _cell(m.get("port")),
-            _cell(m.get("pid")),
-            _cell(m.get("in_flight")),
-            _cell(m.get("queued")),
-            _cell(m.get("vram_mb")),
-            _ago(m.get("last_used"), now),
-        ]
-        for m in models
-    ]
-    lines += ["", _table(header, rows)] if rows else ["", "no models configured"]
-    for m in models:
-        if m.get("last_error"):
-            lines.append(f"{m['name']}: last error: {m['last_error']}")
-        if isinstance(m.get("cooldown_until"), int | float) and m["cooldown_until"] > now:
-            lines.append(
-                f"{m['name']}: cooling down after {m.get('consecutive_failures', '?')} failed "
-                f"load(s); next try in {_duration(m['cooldown_until'] - now)} "
-                f"(`dynllm load {m['name']} --force` skips the wait)"
-            )
-    return "\n".join(lines)
-
-
-def render_models(state: dict[str, Any]) -> str:
-    header = ["MODEL", "ALIASES", "BACKEND", "TYPE", "VRAM MB", "PINNED", "UNLOAD AFTER", "STATE"]
-    rows = []
-    for m in state.get("models", []):
-        after = m.get("unload_after_seconds")
-        rows.append(
-            [
-                m["name"],
-                ", ".join(m.get("aliases") or []) or "-",
-                _cell(m.get("backend")),
-                _cell(m.get("model_type")),
-                _cell(m.get("vram_mb")),
-                "yes" if m.get("pinned") else "no",
-                "never" if after is None else _duration(after),
-                _cell(m.get("status")),
-            ]
-        )
-    return _table(header, rows) if rows else "no models configured"
-
-
-def render_reload(result: dict[str, Any]) -> str:
-    def names(key: str) -> str:
-        value = result.get(key) or []
-        return ", ".join(str(v) for v in value) if value else "none"
-
-    lines = [
-        "reloaded the config",
-        f"  added: {names('added')}",
-        f"  changed (restart once idle): {names('changed')}",
-        f"  removed (unload once idle): {names('removed')}",
-    ]
-    if result.get("restart_needed"):
-        lines.append(f"  needs a restart of dynllm to apply: {names('restart_needed')}")
-    return "\n".join(lines)
-
-
-def _print_json(data: Any) -> None:
-    _out(json.dumps(data, indent=2))
-
-
-def _status(client: AdminClient, args: argparse.Namespace) -> int:
-    health, state = client.health(), client.models()
-    if args.json:
-        extra = {k: health[k] for k in ("version", "uptime_seconds") if k in health}
-        _print_json({**extra, **state})
-    else:
-        _out(render_status(health, state, client.target.url, time.time()))
-    return EXIT_OK
-
-
-def _models(client: AdminClient, args: argparse.Namespace) -> int:
-    state = client.models()
-    _print_json(state) if args.json else _out(render_models(state))
-    return EXIT_OK
-
-
-def _load(client: AdminClient, args: argparse.Namespace) -> int:
-    started = time.monotonic()
-    result = client.load(args.model, force=args.force)
-    took = time.monotonic() - started
-    if args.json:
-        _print_json(result)
-    else:
-        _out(f"loaded {result.get('model', args.model)}: port {_cell(result.get('port'))}, "
-             f"pid {_cell(result.get('pid'))} ({took:.2f} s)")  # fmt: skip
-    return EXIT_OK
-
-
-def _unload(client: AdminClient, args: argparse.Namespace) -> int:
-    result = client.unload(args.model, force=args.force)
-    name = result.get("model", args.model)
-    if args.json:
-        _print_json(result)
-    else:
-        _out(f"unloaded {name}" if result.get("unloaded") else f"{name} was not loaded")
-    return EXIT_OK
-
-
-def _logs(client: AdminClient, args: argparse.Namespace) -> int:
-    if not args.follow:
-        result = client.logs(args.model, args.lines)
-        if args.json:
-            _print_json(result)
-        else:
-            for line in result.get("lines", []):
-                _out(str(line))
-        return EXIT_OK
-    for item in client.follow_logs(args.model):
-        _out(json.dumps(item) if args.json else str(item.get("line", "")))
-    print(f"dynllm: {client.target.url} ended the log stream", file=sys.stderr)
-    return EXIT_SERVICE
-
-
-def _reload(client: AdminClient, args: argparse.Namespace) -> int:
-    result = client.reload()
-    _print_json(result) if args.json else _out(render_reload(result))
-    return EXIT_OK
-
-
-_CLIENT: dict[str, Callable[[AdminClient, argparse.Namespace], int]] = {
-    "status": _status,
-    "models": _models,
-    "load": _load,
-    "unload": _unload,
-    "logs": _logs,
-    "reload": _reload,
-}
-
-
 def run_client(args: argparse.Namespace, env: EnvSettings) -> int:
-    target = client_target(args, env)
-    try:
-        with AdminClient(target) as client:
-            return _CLIENT[args.command](client, args)
-    except ClientError as exc:
-        hint = ""
-        if getattr(exc, "code", None) == "model_busy":
-            hint = f" (`dynllm unload {args.model} --force` stops it anyway)"
-        print(f"dynllm: {exc.message}{hint}", file=sys.stderr)
-        return exc.exit_code
+    return manage.run(args, client_target(args, env))
 
 
 # ---- demo ------------------------------------------------------------------------------

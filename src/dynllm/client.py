@@ -163,21 +163,23 @@ class AdminClient:
                 ) from None
             if exc.status == 400:
                 raise ConfigRejected(
-                    f"dynllm at {self.target.url} refused the new config and keeps running "
+                    f"the service at {self.target.url} refused the new config and keeps running "
                     f"the old one:\n{exc.message}",
                     exc.status,
                     exc.code,
                 ) from None
             raise
 
-    def follow_logs(self, model: str) -> Iterator[dict[str, Any]]:
-        """The model's recent lines, then each new one as it comes (``{"model",
-        "line"}``); returns when the service ends the stream."""
+    def follow_logs(self, model: str, lines: int = 200) -> Iterator[dict[str, Any]]:
+        """The model's last ``lines`` lines, then each new one as it comes
+        (``{"model", "line"}``); returns when the service ends the stream."""
         timeout = httpx.Timeout(5.0, read=FOLLOW_READ_TIMEOUT_S)
         path = _logs_path(model)
         with (
             self._guard(path),
-            self._http.stream("GET", path, params={"follow": "true"}, timeout=timeout) as response,
+            self._http.stream(
+                "GET", path, params={"follow": "true", "lines": lines}, timeout=timeout
+            ) as response,
         ):
             if response.status_code >= 400:
                 response.read()
@@ -233,7 +235,7 @@ class AdminClient:
 
     def _error(self, response: httpx.Response) -> ServiceError:
         message, code = _error_message(response)
-        where = f"dynllm at {self.target.url}"
+        where = self.target.url
         if response.status_code == 401:
             message += (
                 "; set DYNLLM_ADMIN_API_KEY (or admin_api_keys in the config the command "
@@ -262,12 +264,12 @@ class _Translate:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             reason = str(exc) or type(exc).__name__
             raise Unreachable(
-                f"cannot reach dynllm at {url} ({reason}); is it running? "
+                f"cannot reach the service at {url} ({reason}); is it running? "
                 f"(the address comes from {source}; --url or DYNLLM_URL sets another)"
             ) from None
         if isinstance(exc, httpx.TimeoutException):
-            raise Unreachable(f"dynllm at {url} stopped answering ({self.path})") from None
-        raise Unreachable(f"the connection to dynllm at {url} failed: {exc}") from None
+            raise Unreachable(f"the service at {url} stopped answering ({self.path})") from None
+        raise Unreachable(f"the connection to the service at {url} failed: {exc}") from None
 
 
 def _logs_path(model: str) -> str:
