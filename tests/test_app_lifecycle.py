@@ -323,4 +323,5 @@ async def test_aliases_resolve_everywhere(make_config: ConfigFactory, alias: str
         assert r.json()["unloaded"] is True and r.json()["name"] == "A"
         r = await app.client.post("/admin/models/load", json={"model": alias})
         assert r.json()["status"] == "loaded"
-        assert (await app.client.get(f"/v1/models/{alias}")).json()["id"] == "A"
+        listed = (await app.client.get(f"/v1/models/{alias}")).json()
+        assert listed["id"] == alias and listed["parent"] == "A"  # the alias's own entry
