@@ -31,6 +31,7 @@ from dynllm.cli import main as cli_main
 from dynllm.config import load_config
 from tests.conftest import ConfigFactory, backends_with_marker, poll, serve
 from tests.support.net import free_port, http_ok
+from tests.test_client import LineReader
 from tests.test_config import (
     DYNLLM_README_CONFIG,
     EXAMPLE_CONFIG,
@@ -642,3 +643,52 @@ async def test_status_models_load_unload_logs_against_a_running_dynllm(
         code, out, err = await dynllm_cmd(capsys, "status", *c)
         assert code == 1 and f"{app.base_url} answered 401: The API key is not valid" in err
         assert "not-the-key" not in out + err and ADMIN_KEY not in out + err
+
+
+def test_the_commands_as_processes_status_load_and_logs_follow(
+    make_config: ConfigFactory, dynllm_process: Any, tmp_path: Path
+) -> None:
+    """``python -m dynllm`` on both sides: a dynllm process, and ``logs -f``
+    printing the backend's lines as they come until Ctrl-C (exit 130)."""
+    path, config = make_config.write_and_load([{"name": "chat"}])
+    server = dynllm_process(path)
+    base = f"http://127.0.0.1:{config.server.port}"
+    with httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
+        poll(lambda: http_ok(http) or server.poll() is not None, timeout=30)
+        assert server.poll() is None
+        status = run_cli(tmp_path, "status", "-c", str(path))
+        assert status.returncode == 0, status.stderr
+        assert table(status.stdout)["chat"]["STATE"] == "unloaded"
+
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("DYNLLM_")}
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "dynllm", "logs", "chat", "-f", "-c", str(path)],
+            env=clean, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+        )  # fmt: skip
+        try:
+            reader = LineReader(follower)
+            load = run_cli(tmp_path, "load", "chat", "-c", str(path))
+            assert load.returncode == 0, load.stderr
+            seen = []
+            while "model loaded" not in (seen or [""])[-1]:
+                seen.append(reader.line())
+            sent = time.monotonic()
+            chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+            assert http.post("/v1/chat/completions", json=chat).status_code == 200
+            while '"POST /v1/chat/completions HTTP/1.1" 200' not in seen[-1]:
+                seen.append(reader.line())
+            latency = time.monotonic() - sent
+            follower.send_signal(signal.SIGINT)
+            code = follower.wait(timeout=15)
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+        assert follower.stderr is not None
+        err = follower.stderr.read().decode()
+    print("\n".join(seen))
+    print(
+        f"the request's log line reached `dynllm logs -f` {latency * 1000:.0f} ms after it was sent"
+    )
+    assert any("starting: alias=chat" in line for line in seen)
+    assert code == 130 and "Traceback" not in err

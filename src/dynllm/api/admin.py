@@ -60,6 +60,17 @@ _FORCE_BODY = _json_body(
     required=False,
 )
 
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+_LOGS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": 'JSON {"model", "lines"}; with follow=true a text/event-stream',
+        "content": {"application/json": {}, **_SSE},
+    }
+}
+_EVENTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A text/event-stream of lifecycle events", "content": _SSE}
+}
+
 router = APIRouter()
 
 
@@ -87,7 +98,7 @@ async def admin_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/admin/models/{model}/logs", response_model=None)
+@router.get("/admin/models/{model}/logs", response_model=None, responses=_LOGS_RESPONSES)
 async def admin_logs(
     request: Request, model: str, lines: int = 200, follow: bool = False
 ) -> dict[str, Any] | Response:
@@ -110,7 +121,7 @@ async def admin_logs(
     return sse.response(sse.relay(open_feed, render, services.events.keepalive_seconds))
 
 
-@router.get("/admin/events")
+@router.get("/admin/events", response_class=Response, responses=_EVENTS_RESPONSES)
 async def admin_events(request: Request) -> Response:
     """Lifecycle events as a text/event-stream, from the moment ``: connected``
     is sent: ``event: lifecycle`` with ``data: {"model", "from", "to",
@@ -126,7 +137,11 @@ async def admin_events(request: Request) -> Response:
     return sse.response(sse.relay(open_feed, render, services.events.keepalive_seconds))
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text format (an admin route: an admin key when keys are set)."""
     return Response(_services(request).metrics.exposition(), media_type=CONTENT_TYPE)
