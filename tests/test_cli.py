@@ -676,7 +676,14 @@ def test_the_commands_as_processes_status_load_and_logs_follow(
             chat = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
             assert http.post("/v1/chat/completions", json=chat).status_code == 200
             while '"POST /v1/chat/completions HTTP/1.1" 200' not in seen[-1]:
-                seen.append(reader.line())
+                try:
+                    seen.append(reader.line())
+                except AssertionError as exc:
+                    raise AssertionError(
+                        f"{exc}: a new backend line did not reach `dynllm logs -f` (the "
+                        "tail did); GET /admin/models/{m}/logs?follow=true gets new lines "
+                        "only once ProcessEffects passes on_line to the backend process"
+                    ) from None
             latency = time.monotonic() - sent
             follower.send_signal(signal.SIGINT)
             code = follower.wait(timeout=15)
