@@ -169,9 +169,10 @@ class Metrics:
         )
         r.register(_Gauges(scheduler, admission))
         ProcessCollector(registry=r)
-        # (model, route, status) -> its counter and histograms: one dict lookup
-        # per request instead of three label resolutions.
+        # The labelled children, resolved once: a dict lookup per request
+        # instead of a label resolution (a lock and a tuple) per metric.
         self._children: dict[tuple[str, str, int], tuple[Counter, Histogram, Histogram]] = {}
+        self._per_model: dict[str, tuple[Histogram, Counter, Counter]] = {}
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -195,12 +196,21 @@ class Metrics:
         duration.observe(record.duration_ms / 1000)
         if record.ttfb_ms is not None:
             ttfb.observe(record.ttfb_ms / 1000)
-        if record.cold:
-            self.cold_start.labels(model).observe(record.load_ms / 1000)
-        if record.prompt_tokens:
-            self.tokens.labels(model, "prompt").inc(record.prompt_tokens)
-        if record.completion_tokens:
-            self.tokens.labels(model, "completion").inc(record.completion_tokens)
+        if record.cold or record.prompt_tokens or record.completion_tokens:
+            per_model = self._per_model.get(model)
+            if per_model is None:
+                per_model = self._per_model[model] = (
+                    self.cold_start.labels(model),
+                    self.tokens.labels(model, "prompt"),
+                    self.tokens.labels(model, "completion"),
+                )
+            cold_start, prompt, completion = per_model
+            if record.cold:
+                cold_start.observe(record.load_ms / 1000)
+            if record.prompt_tokens:
+                prompt.inc(record.prompt_tokens)
+            if record.completion_tokens:
+                completion.inc(record.completion_tokens)
 
     def on_event(self, event: LifecycleEvent) -> None:
         """The lifecycle subscriber."""
