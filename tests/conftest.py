@@ -208,7 +208,9 @@ class RunningApp:
 async def serve(config: Config) -> AsyncIterator[RunningApp]:
     """Run dynllm in this event loop on a real socket, with its lifespan."""
     register_marker(config)
-    app = create_app(config)
+    # The app learns when the server is asked to stop, as under the CLI (open
+    # event streams then end at once instead of holding up the shutdown).
+    app = create_app(config, stopping=lambda: server.should_exit)
     # The production server config (dynllm.server's protocol and its limits).
     server = uvicorn.Server(
         uvicorn_config(app, config, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)

@@ -226,7 +226,7 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
         client = make_client(config)
         probe_client = httpx.AsyncClient(trust_env=False)
         lines = LineHub()
-        effects = ProcessEffects(config, marker, probe_client)
+        effects = ProcessEffects(config, marker, probe_client, on_line=lines.publish)
         events = EventHub()
         events.subscribe(store.on_event)  # the durable shadow first
         events.subscribe(log_event)

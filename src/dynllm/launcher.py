@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 
 import httpx
 
@@ -50,8 +51,11 @@ class ProcessEffects:
         marker: str,
         probe_client: httpx.AsyncClient,
         base_env: Mapping[str, str] | None = None,
+        on_line: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
+        self.on_line = on_line
+        """Called with (model, line) for each line a backend prints."""
         self.marker = marker
         self.client = probe_client
         self.base_env = dict(os.environ if base_env is None else base_env)
@@ -73,7 +77,14 @@ class ProcessEffects:
                 f"The model file for '{spec.name}' does not exist: {launch.model_path}"
             )
         env = adapter.env(self.base_env, spec, self.marker)
-        process = await BackendProcess.spawn(spec.name, adapter.argv(launch), env, on_exit=on_exit)
+        process = await BackendProcess.spawn(
+            spec.name,
+            adapter.argv(launch),
+            env,
+            on_exit=on_exit,
+            log_level=self.config.backend_log_level,
+            on_line=None if self.on_line is None else partial(self.on_line, spec.name),
+        )
         self.processes[spec.name] = process
         try:
             await process.wait_ready(
