@@ -205,12 +205,13 @@ class RunningApp:
 
 
 @asynccontextmanager
-async def serve(config: Config) -> AsyncIterator[RunningApp]:
-    """Run dynllm in this event loop on a real socket, with its lifespan."""
+async def serve(config: Config, config_path: Path | None = None) -> AsyncIterator[RunningApp]:
+    """Run dynllm in this event loop on a real socket, with its lifespan
+    (``config_path``: the file /admin/reload re-reads)."""
     register_marker(config)
     # The app learns when the server is asked to stop, as under the CLI (open
     # event streams then end at once instead of holding up the shutdown).
-    app = create_app(config, stopping=lambda: server.should_exit)
+    app = create_app(config, stopping=lambda: server.should_exit, config_path=config_path)
     # The production server config (dynllm.server's protocol and its limits).
     server = uvicorn.Server(
         uvicorn_config(app, config, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)

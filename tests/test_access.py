@@ -39,6 +39,7 @@ EXPECTED: dict[str, RouteClass] = {
     "/admin/models/load": RouteClass.ADMIN,
     "/admin/models/unload": RouteClass.ADMIN,
     "/admin/models/unload-all": RouteClass.ADMIN,
+    "/admin/reload": RouteClass.ADMIN,
     "/admin/events": RouteClass.ADMIN,
     "/metrics": RouteClass.ADMIN,
     **{r.path: RouteClass.INFERENCE for r in ROUTES},

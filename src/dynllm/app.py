@@ -20,10 +20,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -47,6 +49,7 @@ from dynllm.backends import Upstream, missing_binary, upstream_table
 from dynllm.config import Config
 from dynllm.errors import DynllmError, Forbidden, Shape, error_body, invalid_request
 from dynllm.events import EventHub, LineHub, Reason, log_event
+from dynllm.hotreload import Reloader
 from dynllm.launcher import ProcessEffects
 from dynllm.metrics import Metrics
 from dynllm.proxy import make_client
@@ -77,6 +80,8 @@ class Services:
     """Lifecycle events from the scheduler to the store, log, metrics and streams."""
     lines: LineHub = field(default_factory=LineHub)
     """Backend output lines to the followers of a model's log."""
+    reloader: Reloader | None = None
+    """Re-reads the config file (None: started without one)."""
     metrics: Metrics = field(init=False)
     upstreams: dict[tuple[str, ApiFamily], Upstream] = field(init=False)
     json_limit: int = field(init=False)
@@ -193,9 +198,18 @@ async def _end_streams_when_stopping(services: Services, stopping: Callable[[], 
     services.lines.close()
 
 
-def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> Front:
+def create_app(
+    config: Config,
+    stopping: Callable[[], bool] = lambda: False,
+    *,
+    config_path: Path | None = None,
+    adjust: Callable[[Config], Config] = lambda new: new,
+    reload_on_sighup: bool = False,
+) -> Front:
     """``stopping`` tells whether the server was asked to stop (checked while
-    preloading, before the server itself looks)."""
+    preloading, before the server itself looks).  ``config_path``: the file
+    a reload re-reads (``adjust`` adds the command line's overrides), and
+    with ``reload_on_sighup`` SIGHUP reloads it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -238,6 +252,12 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
         events.subscribe(services.metrics.on_event)
         services.request_sinks.append(services.metrics.observe_request)
         app.state.services = services
+        if config_path is not None:
+            services.reloader = Reloader(front, config_path, adjust)
+            if reload_on_sighup:
+                asyncio.get_running_loop().add_signal_handler(
+                    signal.SIGHUP, _reload_on_signal, services.reloader
+                )
         streams_closer = asyncio.create_task(
             _end_streams_when_stopping(services, stopping), name="end-streams"
         )
@@ -255,6 +275,8 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
             await _preload(app.state.services, stopping)
             yield
         finally:
+            if config_path is not None and reload_on_sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             streams_closer.cancel()
             events.close()
             lines.close()
@@ -277,7 +299,14 @@ def create_app(config: Config, stopping: Callable[[], bool] = lambda: False) -> 
     kserve.install(app)
     admin.install(app)
     ui.install(app)
-    return Front(app, Access(config), Cors.from_config(config.cors_origins))
+    front = Front(app, Access(config), Cors.from_config(config.cors_origins))
+    return front
+
+
+def _reload_on_signal(reloader: Reloader) -> None:
+    log.info("SIGHUP: reloading the config")
+    with contextlib.suppress(DynllmError):  # refused: logged, the running config stays
+        reloader.reload()
 
 
 class AsciiJSONResponse(JSONResponse):

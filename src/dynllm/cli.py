@@ -237,7 +237,8 @@ def _config_path(args: argparse.Namespace, env: EnvSettings) -> Path:
 def serve(args: argparse.Namespace, env: EnvSettings) -> int:
     level_override = _log_level(args.log_level)
     _port(args.port)  # a wrong override is named before the config is read
-    config = effective_config(load_or_exit(_config_path(args, env)), args, env)
+    path = _config_path(args, env)
+    config = effective_config(load_or_exit(path), args, env)
     level = (level_override or config.log_level).upper()
     configure_logging(level, config.log_format)
 
@@ -255,7 +256,13 @@ def serve(args: argparse.Namespace, env: EnvSettings) -> int:
         return EXIT_STARTUP
 
     server: uvicorn.Server | None = None
-    app = create_app(config, stopping=lambda: server is not None and server.should_exit)
+    app = create_app(
+        config,
+        stopping=lambda: server is not None and server.should_exit,
+        config_path=path,
+        adjust=lambda new: effective_config(new, args, env),  # the same overrides on reload
+        reload_on_sighup=True,
+    )
     server = uvicorn.Server(
         uvicorn_config(  # with the header/body timeouts and max_connections
             app,
@@ -268,11 +275,11 @@ def serve(args: argparse.Namespace, env: EnvSettings) -> int:
             **uvicorn_log_options(),  # uvicorn's lines in log_format too
         )
     )
-    # A terminal hang-up (or a habit from other daemons) must not stop the
-    # service and its models; reloading on SIGHUP is not implemented yet.
+    # SIGHUP reloads the config once the app has started (its lifespan takes
+    # the signal over); one that comes before must not stop the service.
     signal.signal(
         signal.SIGHUP,
-        lambda *_: logging.getLogger("dynllm").warning("SIGHUP ignored (no reload yet)"),
+        lambda *_: logging.getLogger("dynllm").warning("SIGHUP before startup finished: ignored"),
     )
     server.run()
     return EXIT_OK if server.started else EXIT_STARTUP

@@ -4,6 +4,7 @@
     ├── BadRequest                   400     invalid_request_error    invalid_request
     │   ├── InvalidJSON              400     invalid_request_error    invalid_json
     │   ├── InvalidMultipart         400     invalid_request_error    invalid_multipart
+    │   ├── InvalidConfig            400     invalid_request_error    invalid_config
     │   ├── WrongModelType           400     invalid_request_error    model_type_mismatch
     │   └── ModelTooLarge            400     invalid_request_error    model_too_large
     ├── Unauthorized                 401     authentication_error     invalid_api_key (+challenge)
@@ -101,6 +102,12 @@ def invalid_request(problems: Iterable[Mapping[str, Any]]) -> BadRequest:
 
 class InvalidJSON(BadRequest):
     code = "invalid_json"
+
+
+class InvalidConfig(BadRequest):
+    """A reloaded config that does not validate (the running one stays)."""
+
+    code = "invalid_config"
 
 
 class InvalidMultipart(BadRequest):

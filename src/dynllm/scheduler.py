@@ -69,6 +69,7 @@ from dynllm.errors import (
     DynllmError,
     InsufficientVRAM,
     ModelBusy,
+    ModelNotFound,
     ModelTooLarge,
     QueueTimeout,
     ShuttingDown,
@@ -77,6 +78,7 @@ from dynllm.errors import (
 from dynllm.events import LifecycleEvent, Reason
 from dynllm.events import ModelState as ModelState  # where callers have found it
 from dynllm.ports import BACKEND_HOST, PortPool
+from dynllm.reload import ReloadPlan
 
 log = logging.getLogger("dynllm.scheduler")
 
@@ -198,6 +200,11 @@ class Slot:
     unload_reason: Reason = Reason.IDLE
     unload_detail: str | None = None
     """Why the current (or last) unload began: its events all carry it."""
+    next_spec: ModelConfig | None = None
+    """A reloaded config changed how its backend starts: the new settings,
+    taken once the running backend is idle and stopped."""
+    retiring: bool = False
+    """A reloaded config removed it: unloaded once idle, then dropped."""
 
     @property
     def name(self) -> str:
@@ -278,6 +285,8 @@ class Scheduler:
         self._closing = False
         self._unloads: set[asyncio.Task[None]] = set()
         self._used: set[Slot] = set()
+        self._reloading = False
+        """Some slot waits to take a reloaded config's settings or to go."""
 
     def restore(self, rows: dict[str, dict[str, Any]]) -> None:
         """Carry the history a previous run left in the state file (after
@@ -374,7 +383,10 @@ class Scheduler:
         the queue, is uncounted, and the queue moves on; a load it started or
         joined goes on for the others (or, with nobody left, finishes and
         idles).  A lease returned is counted in flight until ``release``."""
-        request = _Request(self.slots[spec.name], reason)
+        slot = self.slots.get(spec.name)
+        if slot is None or slot.retiring:  # removed by a reload meanwhile
+            raise ModelNotFound(f"The model '{spec.name}' does not exist")
+        request = _Request(slot, reason)
         try:
             return await self._acquire(request)
         finally:
@@ -513,6 +525,8 @@ class Scheduler:
         A request let through while its model loads (or is ready) is counted in
         ``pending`` right here, before it runs again, so nothing can evict the
         model in between.  A request whose task was cancelled is dropped unseen."""
+        if self._reloading:
+            self._retire_idle()
         while self._queue and not self._closing:
             head = self._queue[0]
             assert head.turn is not None
@@ -712,6 +726,50 @@ class Scheduler:
         tail = " | ".join(handle.stderr_tail(5))
         slot.last_error = f"backend exited unexpectedly with code {handle.returncode}: {tail}"
         self._backend_gone(slot, Reason.CRASHED, slot.last_error)
+
+    # ---- reload ------------------------------------------------------------------
+    def reconfigure(self, config: Config, plan: ReloadPlan) -> None:
+        """Apply a reloaded config (what changed: ``reload.plan_reload``).
+
+        Global settings (budget, policy, timeouts) apply at once; new models
+        appear; models whose process stays the same take their new settings at
+        once; changed models keep serving on their running backend and restart
+        with the new settings once idle; removed models unload once idle and
+        go.  Synchronous: no request sees half of it."""
+        self.config = config
+        specs = {m.name: m for m in config.models}
+        for name in plan.added:
+            self.slots[name] = Slot(specs[name])
+        for name in plan.updated:
+            self.slots[name].spec = specs[name]
+        for name in plan.changed:
+            self.slots[name].next_spec = specs[name]
+        for name in plan.removed:
+            self.slots[name].retiring = True
+        self._reloading = bool(plan.changed or plan.removed)
+        self._pump()
+
+    def _retire_idle(self) -> None:
+        """Take reloaded settings and drop removed models where nothing runs
+        or waits; stop the idle backends that stand in the way."""
+        still = False
+        for slot in list(self.slots.values()):
+            if slot.next_spec is None and not slot.retiring:
+                continue
+            idle = not slot.in_flight and not self.waiting(slot)
+            if slot.state is ModelState.UNLOADED and (idle or not slot.retiring):
+                if slot.retiring:
+                    del self.slots[slot.name]
+                    self._note(slot, Reason.RELOAD, "removed from the config")
+                    continue
+                assert slot.next_spec is not None
+                slot.spec, slot.next_spec = slot.next_spec, None  # no process: at once
+                continue
+            still = True
+            if slot.state is ModelState.READY and idle:
+                why = "removed from the config" if slot.retiring else "its settings changed"
+                self._begin_unload(slot, Reason.RELOAD, why)
+        self._reloading = still
 
     def waiting(self, slot: Slot) -> int:
         """Requests waiting for ``slot``: joined to its load, let through by the

@@ -200,5 +200,14 @@ async def admin_unload_all(request: Request, force: bool = False) -> dict[str, A
     return {"unloaded": unloaded, "busy": busy}
 
 
+@router.post("/admin/reload")
+async def admin_reload(request: Request) -> dict[str, Any]:
+    """Re-read the config file; an invalid one is refused (400) and the running one stays."""
+    reloader = _services(request).reloader
+    if reloader is None:
+        raise BadRequest("This dynllm was started without a config file to re-read")
+    return {"reloaded": True, **reloader.reload().as_dict()}
+
+
 def install(app: FastAPI) -> None:
     app.include_router(router)
