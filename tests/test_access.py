@@ -35,7 +35,7 @@ EXPECTED: dict[str, RouteClass] = {
     "/v2": RouteClass.INFERENCE,
     "/v2/models/{name}/ready": RouteClass.INFERENCE,
     "/admin/models": RouteClass.ADMIN,
-    "/admin/models/{model}/logs": RouteClass.ADMIN,
+    "/admin/models/{model:path}/logs": RouteClass.ADMIN,
     "/admin/models/load": RouteClass.ADMIN,
     "/admin/models/unload": RouteClass.ADMIN,
     "/admin/models/unload-all": RouteClass.ADMIN,

@@ -141,3 +141,20 @@ def test_sigterm_stops_backends_gracefully(make_config: ConfigFactory, tmp_path:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_logs_of_a_model_named_with_a_slash_zero_lines_and_uptime(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config([{"name": "org/chat"}])
+    async with serve(config) as app:
+        assert (await app.chat("org/chat")).status_code == 200
+        logs = await app.client.get("/admin/models/org/chat/logs")
+        assert logs.status_code == 200 and logs.json()["model"] == "org/chat"
+        assert logs.json()["lines"]  # the fake backend printed something
+        none = await app.client.get("/admin/models/org/chat/logs", params={"lines": 0})
+        assert none.json()["lines"] == []
+        two = await app.client.get("/admin/models/org/chat/logs", params={"lines": 2})
+        assert len(two.json()["lines"]) == 2
+        health = (await app.client.get("/health")).json()
+        assert 0 <= health["uptime_seconds"] < 60

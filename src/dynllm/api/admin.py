@@ -3,6 +3,7 @@ their live stream), lifecycle events as a stream, metrics, health."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -85,6 +86,7 @@ async def health(request: Request) -> dict[str, Any]:
         "vram_used_mb": scheduler.used_vram_mb(),
         "vram_total_mb": services.config.total_vram_mb,
         "queued_requests": scheduler.queue_length(),
+        "uptime_seconds": round(time.time() - services.started_at, 1),
     }
 
 
@@ -98,7 +100,7 @@ async def admin_models(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/admin/models/{model}/logs", response_model=None, responses=_LOGS_RESPONSES)
+@router.get("/admin/models/{model:path}/logs", response_model=None, responses=_LOGS_RESPONSES)
 async def admin_logs(
     request: Request, model: str, lines: int = 200, follow: bool = False
 ) -> dict[str, Any] | Response:
@@ -109,11 +111,11 @@ async def admin_logs(
     spec = services.registry.get(model)
     name = spec.name
     if not follow:
-        return {"model": name, "lines": services.effects.logs(name)[-max(lines, 0) :]}
+        return {"model": name, "lines": _last(services.effects.logs(name), lines)}
 
     def open_feed() -> tuple[Feed[str], list[bytes]]:
         feed = services.lines.feed(name)  # in the same step as the tail: no gap
-        return feed, [render(line) for line in services.effects.logs(name)[-max(lines, 0) :]]
+        return feed, [render(line) for line in _last(services.effects.logs(name), lines)]
 
     def render(line: str) -> bytes:
         return sse.frame({"model": name, "line": line})
@@ -207,6 +209,10 @@ async def admin_reload(request: Request) -> dict[str, Any]:
     if reloader is None:
         raise BadRequest("This dynllm was started without a config file to re-read")
     return {"reloaded": True, **reloader.reload().as_dict()}
+
+
+def _last(lines: list[str], n: int) -> list[str]:
+    return lines[-n:] if n > 0 else []  # (lines[-0:] would be all of them)
 
 
 def install(app: FastAPI) -> None:
