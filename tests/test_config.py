@@ -784,3 +784,12 @@ def test_new_backend_keys_are_checked(model: dict[str, Any], message: str) -> No
     with pytest.raises(ConfigError) as info:
         parse_config({"enabled_backends": ["llamacpp", "vllm", "command"], "models": [entry]})
     assert str(info.value).startswith(message)
+
+
+def test_max_queued_requests_needs_max_concurrent_requests() -> None:
+    model = {"name": "m", "path": "m.gguf", "backend": "llamacpp", "vram_mb": 1}
+    with pytest.raises(ConfigError, match=r"max_queued_requests: .*max_concurrent_requests"):
+        parse_config({"models": [{**model, "max_queued_requests": 3}]})
+    both = parse_config({"models": [{**model, "max_queued_requests": 3,
+                                     "max_concurrent_requests": 1}]})  # fmt: skip
+    assert both.models[0].max_queued_requests == 3

@@ -226,6 +226,11 @@ class ModelConfig(_Strict):
                 raise ValueError(
                     f"{key}: only backend '{owner.value}' uses it, not '{self.backend.value}'"
                 )
+        if self.max_queued_requests is not None and self.max_concurrent_requests is None:
+            raise ValueError(
+                "max_queued_requests: it bounds the wait for a max_concurrent_requests "
+                "slot; set max_concurrent_requests too"
+            )
         if self.backend is BackendName.COMMAND:
             if not self.command or not self.command[0]:
                 raise ValueError(
