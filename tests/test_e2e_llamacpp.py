@@ -95,7 +95,8 @@ async def test_openai_client_chat_completions_responses_and_embeddings(
             assert len(embedding.data) == 2 and len(embedding.data[0].embedding) == 64
 
             models = await client.models.list()
-            assert {m.id for m in models.data} == {"tiny", "tiny2", "embed"}
+            # The models, then each alias as its own entry (Open WebUI lists it).
+            assert {m.id for m in models.data} == {"tiny", "tiny2", "embed", "tiny-chat"}
 
             with pytest.raises(openai.NotFoundError) as missing:
                 await client.chat.completions.create(model="nope", messages=[], max_tokens=1)

@@ -287,6 +287,8 @@ async def test_budget_eviction_busy_model_kept_and_idle_unload(
             assert response.status_code == 200
             lines = response.aiter_lines()
             first = await anext(lines)
+            while first.startswith(":") or not first:  # loading-progress comments
+                first = await anext(lines)
             assert first.startswith("data: ")
             pid_a = (await app.admin_models())["A"]["pid"]
             b_task = asyncio.create_task(

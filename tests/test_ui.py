@@ -513,7 +513,9 @@ async def test_dashboard_without_the_live_routes(
     _browser_or_skip()
     models = _models(tmp_path / "models")[:1]
     config = make_config(models, models_dir=str(tmp_path / "models"), admin_api_keys=[ADMIN])
-    monkeypatch.setattr(conftest, "create_app", lambda c: WithoutLiveRoutes(create_app(c)))
+    monkeypatch.setattr(
+        conftest, "create_app", lambda c, **kw: WithoutLiveRoutes(create_app(c, **kw))
+    )
     async with serve(config) as app:
         figures = await asyncio.to_thread(
             drive_without_live_routes, app.base_url, tmp_path / "profile"
