@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,20 +19,12 @@ import httpx
 import pytest
 
 from dynllm.logsetup import JsonFormatter, _DynllmHandler, configure_logging
+from dynllm.requestlog import RequestRecord
 from tests.conftest import ConfigFactory, poll
 from tests.support.net import http_ok
 
-REQUEST_FIELDS = {
-    "model",
-    "route",
-    "status",
-    "queued_ms",
-    "load_ms",
-    "cold",
-    "ttfb_ms",
-    "duration_ms",
-    "bytes_out",
-}
+# Every field of the request record but the token counts (absent without usage).
+REQUEST_FIELDS = {f.name for f in fields(RequestRecord)} - {"prompt_tokens", "completion_tokens"}
 
 
 def record(msg: str, *args: Any, extra: dict[str, Any] | None = None, exc_info: Any = None) -> str:

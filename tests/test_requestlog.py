@@ -5,6 +5,7 @@ token counts, errors and clients that leave."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -16,19 +17,7 @@ from dynllm.requestlog import RequestRecord, log_request
 from tests.conftest import ConfigFactory, RunningApp, apoll, serve
 from tests.test_dispatch import config_for, fake_model
 
-FIELDS = (
-    "model",
-    "route",
-    "status",
-    "queued_ms",
-    "load_ms",
-    "cold",
-    "ttfb_ms",
-    "duration_ms",
-    "bytes_out",
-    "prompt_tokens",
-    "completion_tokens",
-)
+FIELDS = tuple(f.name for f in dataclasses.fields(RequestRecord))
 
 
 def records(app: RunningApp) -> list[RequestRecord]:
