@@ -65,6 +65,8 @@ def gone(pid: int, port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except OSError:  # e.g. a timeout: the dying listener's backlog still holds the port
+        return False
     return False
 
 
