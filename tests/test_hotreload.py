@@ -118,7 +118,9 @@ async def test_requests_running_through_a_reload_all_succeed(make_config: Config
             return (await app.chat("AB"[i % 2], fake_delay=0.05)).status_code
 
         requests = [asyncio.create_task(one(i)) for i in range(200)]
-        await asyncio.sleep(0.03)  # some are in flight, some still to come
+        slots = app.services.scheduler.slots
+        # Reload while some are in flight (and the rest still to come).
+        await apoll(lambda: slots["A"].in_flight + slots["B"].in_flight > 0, timeout=10)
         rewrite(path, [fake_model("A"), fake_model("B", env={"SETTING": "3"}), fake_model("C")])
         reload = await app.client.post("/admin/reload", json={})
         assert reload.status_code == 200 and reload.json()["changed"] == ["B"]
