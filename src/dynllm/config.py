@@ -218,6 +218,10 @@ class ModelConfig(_Strict):
     """Requests served at once; beyond them requests queue (max_queued_requests)."""
     max_queued_requests: NonNegInt | None = None
     """Requests waiting for this model; beyond them 429 with Retry-After."""
+    allow_request_overrides: bool = False
+    """Let requests choose backend, device, n_gpu_layers, n_ctx,
+    gpu_memory_utilization and max_model_len (each choice is its own variant,
+    with its own process); discovered models always allow it."""
 
     @model_validator(mode="after")
     def _backend_needs(self) -> ModelConfig:
@@ -266,6 +270,29 @@ class ModelConfig(_Strict):
         if isinstance(value, dict):
             return {str(k): str(v) for k, v in value.items()}
         return value
+
+
+class DiscoveredDefaults(_Strict):
+    """Settings for models found in ``models_dir`` / ``model_dirs`` (no YAML entry)."""
+
+    context_size: int = Field(4096, ge=0)
+    """Context of llama.cpp (``-c``) and vLLM (``--max-model-len``; 0: the model's own)."""
+    n_gpu_layers: int = -1
+    unload_time: float | None = None
+    """Idle seconds before unloading (-1/inf: never); default idle_timeout_seconds."""
+    device: str | None = None
+    """transformers serve ``--device`` (cpu, cuda, auto, ...)."""
+    target_device: str = "CPU"
+    """OpenVINO device for IR folders."""
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    vram_overhead_mb: NonNegInt = 512
+    """Added to weights + KV cache in the VRAM estimate (compute buffers, CUDA context)."""
+    load_timeout_seconds: PositiveFloat | None = None
+
+    @field_validator("unload_time", mode="before")
+    @classmethod
+    def _unload_time(cls, value: Any) -> float | None:
+        return _timeout_seconds(value)
 
 
 class Config(_Strict):
@@ -318,6 +345,21 @@ class Config(_Strict):
     streaming request waits for a cold model."""
     list_aliases: bool = True
     """/v1/models lists each alias as its own entry."""
+    # models without YAML (discovery, per-request settings, downloads)
+    discovery: bool = True
+    """Serve the models found in models_dir and model_dirs without YAML entries."""
+    model_dirs: list[str] = Field(default_factory=list)
+    """More folders to discover models in (models_dir is always the first)."""
+    rescan_interval_seconds: NonNegFloat = 60
+    """How often the model folders are scanned again (0: only at startup and
+    on POST /admin/models/rescan)."""
+    discovered_defaults: DiscoveredDefaults = Field(default_factory=DiscoveredDefaults)
+    hf_token: str | None = None
+    """Hugging Face token for gated and private repos (else HF_TOKEN)."""
+    hf_endpoint: str | None = None
+    """The Hub's address (else HF_ENDPOINT, else https://huggingface.co)."""
+    max_concurrent_downloads: Annotated[int, Field(ge=1)] = 2
+    """Downloads running at once; more wait their turn as "queued"."""
 
     # Where relative paths are resolved from (the config file's folder).
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)

@@ -10,6 +10,9 @@
     ├── Unauthorized                 401     authentication_error     invalid_api_key (+challenge)
     ├── Forbidden                    403     permission_error         forbidden
     ├── ModelNotFound                404     invalid_request_error    model_not_found
+    │   ├── RepoNotFound             404     invalid_request_error    repo_not_found
+    │   └── DownloadNotFound         404     invalid_request_error    download_not_found
+    ├── RepoGated                    403     permission_error         repo_gated
     ├── MethodNotAllowed             405     invalid_request_error    method_not_allowed (+Allow)
     ├── ModelBusy                    409     conflict_error           model_busy
     ├── PayloadTooLarge              413     invalid_request_error    payload_too_large
@@ -28,6 +31,8 @@
     │   ├── ShuttingDown             503     unavailable_error        shutting_down
     │   ├── CoolingDown              503     unavailable_error        load_cooldown (+Retry-After)
     │   └── TooManyConnections       503     unavailable_error        too_many_connections
+    ├── HubUnavailable               502     backend_error            hub_unavailable
+    ├── InsufficientStorage          507     server_error             insufficient_storage
     ├── LoadTimeout                  504     timeout_error            load_timeout
     └── TooManyRequests              429     rate_limit_error         too_many_requests +Retry-After
 
@@ -141,6 +146,38 @@ class ModelNotFound(DynllmError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+
+
+class RepoNotFound(ModelNotFound):
+    code = "repo_not_found"
+
+
+class DownloadNotFound(ModelNotFound):
+    code = "download_not_found"
+
+
+class RepoGated(DynllmError):
+    """The Hub refused the repo: gated or private, and no (or a wrong) token."""
+
+    status = 403
+    type = "permission_error"
+    code = "repo_gated"
+
+
+class HubUnavailable(DynllmError):
+    """The Hub could not be reached or answered with an error of its own."""
+
+    status = 502
+    type = "backend_error"
+    code = "hub_unavailable"
+
+
+class InsufficientStorage(DynllmError):
+    """A download that does not fit on the disk of its destination."""
+
+    status = 507
+    type = "server_error"
+    code = "insufficient_storage"
 
 
 class MethodNotAllowed(DynllmError):

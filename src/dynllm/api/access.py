@@ -5,15 +5,16 @@ Routes fall in three classes, decided by path alone:
 
     public     /health, /v2/health/live, /v2/health/ready,  never need a key
                /, /ui and /ui/NAME (the dashboard's files)
-    admin      /admin/..., /metrics                          an admin key; with none
-                                                             configured, loopback clients only
+    admin      /admin/..., /metrics, XandRouting's           an admin key; with none
+               /v1/models/{inventory,loaded,stats,unload,   configured, loopback clients only
+               unload-all,download[/ID],verify-repo}
     inference  everything else (the /v1 and /v2 APIs,        a key when any key is configured
                /docs, /openapi.json)
 
 Before keys, two browser defences: while dynllm listens on loopback only, a
 request whose ``Host`` is not a loopback name or address (nor in
 ``allowed_hosts``) gets 421, so a web page cannot reach it by DNS rebinding;
-an admin POST must carry a JSON content type (415), so a cross-origin
+an admin POST with a body must carry a JSON content type (415), so a cross-origin
 "simple" request (``text/plain``, no preflight) cannot change anything; and
 an admin request a browser sent from another origin is refused (403) whatever
 ``cors_origins`` says.  The model routes check their own content types
@@ -50,8 +51,22 @@ PUBLIC_PATHS = frozenset({"/", "/health", "/v2/health/live", "/v2/health/ready"}
 # with the key the user types), and a browser's navigation sends no key.
 UI_PREFIX = "/ui"
 ADMIN_PREFIX = "/admin"
-# Prometheus metrics: model names, traffic and VRAM are the admin's business.
-ADMIN_PATHS = frozenset({"/metrics"})
+# Prometheus metrics: model names, traffic and VRAM are the admin's business;
+# XandRouting's management routes under /v1/models (files on disk, downloads,
+# unloading) too.
+ADMIN_PATHS = frozenset(
+    {
+        "/metrics",
+        "/v1/models/inventory",
+        "/v1/models/loaded",
+        "/v1/models/stats",
+        "/v1/models/unload",
+        "/v1/models/unload-all",
+        "/v1/models/download",
+        "/v1/models/verify-repo",
+    }
+)
+DOWNLOAD_JOB_PREFIX = "/v1/models/download/"
 REMOTE_ADMIN_HINT = (
     "Admin routes answer only clients on this machine while no admin key is set; "
     "set admin_api_keys in the config (or DYNLLM_ADMIN_API_KEYS) to manage dynllm remotely"
@@ -69,7 +84,11 @@ class RouteClass(Enum):
 def classify(path: str) -> RouteClass:
     if path in PUBLIC_PATHS or is_ui_file(path):
         return RouteClass.PUBLIC
-    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/") or path in ADMIN_PATHS:
+    if (
+        path == ADMIN_PREFIX
+        or path.startswith((ADMIN_PREFIX + "/", DOWNLOAD_JOB_PREFIX))
+        or path in ADMIN_PATHS
+    ):
         return RouteClass.ADMIN
     return RouteClass.INFERENCE
 
@@ -121,6 +140,16 @@ def is_json(content_type: bytes | None) -> bool:
     )
 
 
+def _bodyless(scope: Scope) -> bool:
+    """A POST without any body or content type (``curl -X POST .../unload-all``):
+    it carries nothing a cross-origin form could have chosen, and a browser
+    sending it from another page is refused by the cross-origin check first."""
+    if header(scope, b"content-type") is not None or header(scope, b"transfer-encoding"):
+        return False
+    length = header(scope, b"content-length")
+    return length is None or length.strip() == b"0"
+
+
 def _matches(key: bytes, keys: tuple[bytes, ...]) -> bool:
     # Every key is compared (no early exit), each in constant time.
     found = False
@@ -155,6 +184,7 @@ class Access:
             kind is RouteClass.ADMIN
             and scope["method"] == "POST"
             and not is_json(header(scope, b"content-type"))
+            and not _bodyless(scope)
         ):
             return UnsupportedMediaType("Admin requests need 'Content-Type: application/json'")
         if kind is RouteClass.PUBLIC or (kind is RouteClass.INFERENCE and not self.enabled):
