@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -83,7 +84,12 @@ COLUMNS = (
     "last_used",
     "load_count",
     "last_error",
+    "requests",
+    "hits",
+    "misses",
 )
+V1_COLUMNS = COLUMNS[:10]
+"""The columns of schema 1 (a file of that version is checked against these)."""
 
 MIGRATIONS: list[str] = [
     # 1: initial schema
@@ -100,6 +106,17 @@ MIGRATIONS: list[str] = [
         last_used REAL,
         load_count INTEGER NOT NULL DEFAULT 0,
         last_error TEXT,
+        updated_at REAL NOT NULL
+    );
+    """,
+    # 2: cache statistics per model; download jobs (one JSON document each)
+    """
+    ALTER TABLE models ADD COLUMN requests INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE models ADD COLUMN hits INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE models ADD COLUMN misses INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE downloads (
+        job_id TEXT PRIMARY KEY,
+        data TEXT NOT NULL,
         updated_at REAL NOT NULL
     );
     """,
@@ -190,6 +207,9 @@ class Store:
         # The in-memory copy of every row (COLUMNS only) and the rows not yet written.
         self._rows: dict[str, dict[str, Any]] = {}
         self._dirty: set[str] = set()
+        # Download jobs the same way: job_id -> its JSON document (None: delete it).
+        self._jobs: dict[str, str | None] = {}
+        self._dirty_jobs: set[str] = set()
         self._wake = asyncio.Event()  # something to write, or a flush
         self._kick = asyncio.Event()  # a flush: retry now even while backing off
         self._waiters: list[asyncio.Future[bool]] = []
@@ -366,8 +386,9 @@ class Store:
         if version > 0:
             cursor = await db.execute("PRAGMA table_info(models)")
             have = {r[1] for r in await cursor.fetchall()}
-            missing = {"name", "updated_at", *COLUMNS} - have
-            if missing:  # (when a migration adds columns, compare with that version's set)
+            expected = V1_COLUMNS if version == 1 else COLUMNS
+            missing = {"name", "updated_at", *expected} - have
+            if missing:
                 raise _Unusable(
                     f"not a dynllm state file (models lacks {', '.join(sorted(missing))})"
                 )
@@ -429,6 +450,7 @@ class Store:
             self._lock()
         await self._open_db()
         self._dirty.update(self._rows)  # a fresh file gets every row
+        self._dirty_jobs.update(self._jobs)
 
     # ---- writes (one writer) ---------------------------------------------------
     def on_event(self, event: LifecycleEvent) -> None:
@@ -446,6 +468,22 @@ class Store:
         self._rows.setdefault(name, {}).update(fields)
         self._dirty.add(name)
         self._wake.set()
+
+    def record_download(self, job_id: str, data: dict[str, Any]) -> None:
+        """A download job's whole state (written in batches, like the rows)."""
+        self._jobs[job_id] = json.dumps(data)
+        self._dirty_jobs.add(job_id)
+        self._wake.set()
+
+    def forget_download(self, job_id: str) -> None:
+        self._jobs[job_id] = None
+        self._dirty_jobs.add(job_id)
+        self._wake.set()
+
+    async def downloads(self) -> list[dict[str, Any]]:
+        """The download jobs a previous run (or this one) recorded, oldest first."""
+        cursor = await self.db.execute("SELECT data FROM downloads ORDER BY updated_at, job_id")
+        return [json.loads(row[0]) for row in await cursor.fetchall()]
 
     async def flush(self) -> bool:
         """Wait for a write of everything recorded so far.  True when it is on
@@ -477,21 +515,27 @@ class Store:
 
     async def _write_dirty(self) -> bool:
         """Write the dirty rows in one transaction; roll back on failure."""
-        if not self._dirty:
+        if not self._dirty and not self._dirty_jobs:
             return True
-        names = set(self._dirty)
+        names, jobs = set(self._dirty), set(self._dirty_jobs)
         self._dirty.clear()
+        self._dirty_jobs.clear()
         try:
             if self._db is None or not self._file_is_current():
                 await self._reopen()
                 names |= self._dirty
+                jobs |= self._dirty_jobs
                 self._dirty.clear()
+                self._dirty_jobs.clear()
             now = time.time()
             for name in sorted(names):
                 await self._apply(name, self._rows[name], now)
+            for job_id in sorted(jobs):
+                await self._apply_job(job_id, self._jobs[job_id], now)
             await self.db.commit()
         except Exception as exc:  # the state file is a shadow: log, keep serving, retry
             self._dirty |= names
+            self._dirty_jobs |= jobs
             await self._rollback()
             self._failures += 1
             if self._failures == 1:
@@ -524,6 +568,17 @@ class Store:
 
     async def _apply(self, name: str, fields: dict[str, Any], now: float) -> None:
         await self.db.execute(*_upsert(name, fields, now))
+
+    async def _apply_job(self, job_id: str, data: str | None, now: float) -> None:
+        if data is None:
+            await self.db.execute("DELETE FROM downloads WHERE job_id = ?", (job_id,))
+            return
+        await self.db.execute(
+            "INSERT INTO downloads (job_id, data, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(job_id) DO UPDATE SET "
+            "data = excluded.data, updated_at = excluded.updated_at",
+            (job_id, data, now),
+        )
 
     # ---- reads ------------------------------------------------------------------
     async def rows(self) -> dict[str, dict[str, Any]]:
