@@ -1,0 +1,861 @@
+"""Hugging Face downloads: jobs with progress, a real cancel, resume across restarts.
+
+    POST /v1/models/download -> DownloadManager.submit -> Job (queued | downloading)
+
+One job downloads the files ``hubfiles.select_files`` chose from the repo's
+listing (pinned to the commit the listing named, so a resumed job fetches the
+same files) into a folder under ``models_dir``.  Its transfer runs in a
+**child process** (``python -m dynllm.hubio``, its own session and
+process group, a parent-death signal): a thread blocked in a socket read
+cannot be stopped, a process can.  Cancel = SIGTERM to the group, SIGKILL
+after ``STOP_GRACE`` seconds, reap; only then is the job "cancelled" and its
+files removed.
+
+The child (``dynllm.hubio``) resumes a partial file across restarts and
+checks each file's sha256 before moving it into place.
+
+Progress: the parent polls the size of the file in transfer every
+``POLL_SECONDS`` (the child names it when it starts a file) and adds the
+files done; speed is bytes per second over the last ``SPEED_WINDOW`` seconds.
+Every state change and, at most once a second, the progress are recorded in
+the store, so a restart finds every job: one that was queued or downloading
+is resumed (its partial file kept); one that cannot be (no ``models_dir``, a
+destination now outside it, an unreadable record) is marked "interrupted"
+with the reason.
+
+What a cancel removes: the files this job wrote (a cancelled download is not
+a model: one shard of three, or a quantization half there, would be found by
+discovery), every partial file under the destination, their bookkeeping under
+``.cache/huggingface``, and the folder itself when the job created it and it
+is empty.  Files that were complete in the destination before the job
+started are kept.  A failed job keeps its partial file, so submitting it
+again resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from dynllm.errors import (
+    BadRequest,
+    DownloadNotFound,
+    DynllmError,
+    InsufficientStorage,
+    ModelBusy,
+    RepoGated,
+    RepoNotFound,
+)
+from dynllm.hubfiles import (
+    DEFAULT_ENDPOINT,
+    confine,
+    default_destination,
+    looks_like_url,
+    parse_repo,
+    quantizations,
+    select_files,
+)
+from dynllm.hubio import check_access, fetch_listing, hub_error
+
+if TYPE_CHECKING:
+    from dynllm.config import Config
+    from dynllm.store import Store
+
+log = logging.getLogger("dynllm.downloads")
+
+POLL_SECONDS = 0.2
+RECORD_EVERY = 1.0
+"""Progress reaches the store at most this often (state changes at once)."""
+SPEED_WINDOW = 5.0
+STOP_GRACE = 0.5
+"""Seconds between SIGTERM and SIGKILL of a transfer being stopped."""
+KEEP_FINISHED = 200
+"""Finished jobs kept in the list (and the store); older ones are forgotten."""
+CHUNK_BYTES = 1 << 20
+"""The child's read size.  huggingface_hub reads 10 MiB at a time
+(``constants.DOWNLOAD_CHUNK_SIZE``): nothing reaches the partial file, and so
+neither the progress nor a resume sees it, until 10 MiB have arrived."""
+STDERR_LINES = 50
+_PR_SET_PDEATHSIG = 1
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+
+
+ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.DOWNLOADING})
+
+_EDGES: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset(
+        {JobStatus.DOWNLOADING, JobStatus.CANCELLED, JobStatus.INTERRUPTED, JobStatus.FAILED}
+    ),
+    # -> QUEUED: dynllm stops; the next start resumes it.  -> INTERRUPTED: a
+    # restart finds it recorded as downloading and cannot resume it.
+    JobStatus.DOWNLOADING: frozenset(
+        {
+            JobStatus.COMPLETED,
+            JobStatus.FAILED,
+            JobStatus.CANCELLED,
+            JobStatus.QUEUED,
+            JobStatus.INTERRUPTED,
+        }
+    ),
+    JobStatus.COMPLETED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+    JobStatus.INTERRUPTED: frozenset(),
+}
+
+
+class FileStatus(StrEnum):
+    PENDING = "pending"
+    DOWNLOADING = "downloading"
+    DONE = "done"
+    PRESENT = "present"
+    """Complete in the destination before the job started (never removed by it)."""
+
+
+class DownloadRequest(BaseModel):
+    """XandRouting's ``POST /v1/models/download`` body, plus ``repo_id`` and ``revision``."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str | None = None
+    repo_id: str | None = None
+    destination: str | None = None
+    quantization: str | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    revision: str | None = None
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _one_pattern(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+@dataclass
+class FileState:
+    name: str
+    size: int | None
+    status: FileStatus = FileStatus.PENDING
+    partial: str | None = None
+    """The partial file of the transfer in progress (the child names it)."""
+
+    def view(self, done: int) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "bytes_done": done, "status": self.status}
+
+
+@dataclass
+class Job:
+    job_id: str
+    repo_id: str
+    destination: Path
+    files: list[FileState]
+    revision: str | None = None
+    commit: str | None = None
+    quantization: str | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    status: JobStatus = JobStatus.QUEUED
+    message: str = ""
+    error: str | None = None
+    error_code: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    created_destination: bool = False
+    """The destination did not exist before the job: a cancel may remove it."""
+    # live figures (not recorded as such)
+    bytes_done: int = 0
+    speed: float = 0.0
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+    def file_bytes(self, f: FileState) -> int:
+        if f.status in (FileStatus.DONE, FileStatus.PRESENT):
+            return f.size or 0
+        if f.status is FileStatus.DOWNLOADING and f.partial:
+            with contextlib.suppress(OSError):
+                return os.stat(f.partial).st_size
+        return 0
+
+    def view(self) -> dict[str, Any]:
+        """The job as the API shows it: XandRouting's four fields first."""
+        total = self.bytes_total
+        done = min(self.bytes_done, total) if total else self.bytes_done
+        speed = round(self.speed, 1) if self.status is JobStatus.DOWNLOADING else 0.0
+        return {
+            "job_id": self.job_id,
+            "status": self.status.value,
+            "destination": str(self.destination),
+            "message": self.message,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+            "quantization": self.quantization,
+            "files": [f.view(self.file_bytes(f)) for f in self.files],
+            "bytes_done": done,
+            "bytes_total": total,
+            "progress": round(done / total, 4) if total else (1.0 if self.finished_ok else 0.0),
+            "speed_bytes_per_s": speed,
+            "eta_seconds": round((total - done) / speed, 1) if speed > 0 and total else None,
+            "error": self.error,
+            "error_code": self.error_code,
+            "created_at": _iso(self.created_at),
+            "finished_at": _iso(self.finished_at),
+        }
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.status is JobStatus.COMPLETED
+
+    def record(self) -> dict[str, Any]:
+        """What the store keeps (enough to resume after a restart)."""
+        return {
+            "job_id": self.job_id,
+            "repo_id": self.repo_id,
+            "destination": str(self.destination),
+            "revision": self.revision,
+            "commit": self.commit,
+            "quantization": self.quantization,
+            "include": self.include,
+            "exclude": self.exclude,
+            "status": self.status.value,
+            "message": self.message,
+            "error": self.error,
+            "error_code": self.error_code,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "created_destination": self.created_destination,
+            "bytes_done": self.bytes_done,
+            "files": [
+                {"name": f.name, "size": f.size, "status": f.status.value, "partial": f.partial}
+                for f in self.files
+            ],
+        }
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Job:
+        """A recorded job (KeyError/ValueError/TypeError when the record is unusable)."""
+        files = [
+            FileState(
+                str(f["name"]),
+                None if f.get("size") is None else int(f["size"]),
+                FileStatus(f.get("status", "pending")),
+                f.get("partial"),
+            )
+            for f in data["files"]
+        ]
+        return cls(
+            job_id=str(data["job_id"]),
+            repo_id=str(data["repo_id"]),
+            destination=Path(data["destination"]),
+            files=files,
+            revision=data.get("revision"),
+            commit=data.get("commit"),
+            quantization=data.get("quantization"),
+            include=data.get("include"),
+            exclude=data.get("exclude"),
+            status=JobStatus(data["status"]),
+            message=str(data.get("message", "")),
+            error=data.get("error"),
+            error_code=data.get("error_code"),
+            created_at=float(data.get("created_at") or time.time()),
+            started_at=data.get("started_at"),
+            finished_at=data.get("finished_at"),
+            created_destination=bool(data.get("created_destination", False)),
+            bytes_done=int(data.get("bytes_done") or 0),
+        )
+
+
+def _iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
+
+
+def new_job_id() -> str:
+    """XandRouting's ``download_<ms since the epoch>``, plus 6 hex digits: two
+    jobs submitted in the same millisecond stay apart."""
+    return f"download_{int(time.time() * 1000)}_{secrets.token_hex(3)}"
+
+
+def disk_free(path: Path) -> int:
+    """Free bytes on the file system ``path`` would be on (its nearest existing folder)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+# ---- the manager --------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One job's transfer while it runs: the process and how to stop it."""
+
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel: bool = False
+    proc: asyncio.subprocess.Process | None = None
+    samples: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=200))
+    stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_LINES))
+    failure: tuple[str, str] | None = None  # (code, message) the child reported
+    last_record: float = 0.0
+
+
+class DownloadManager:
+    """Download jobs: submit, list, cancel, resume after a restart.
+
+    Lifecycle: ``await start()`` after the store opens (restores and resumes
+    jobs), ``await close()`` before it closes (stops every transfer, keeps the
+    partial files, records the jobs as queued so the next start resumes them).
+    Each running job has one runner task, the only code that touches its
+    process and moves it out of "downloading"; ``cancel`` asks the runner and
+    waits for it.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        on_finished: Callable[[Path], None],
+        *,
+        free_bytes: Callable[[Path], int] = disk_free,
+        chunk_bytes: int = CHUNK_BYTES,
+        python: str = sys.executable,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.on_finished = on_finished
+        self.free_bytes = free_bytes
+        self.chunk_bytes = chunk_bytes
+        self.python = python
+        self._jobs: dict[str, Job] = {}
+        self._runs: dict[str, _Run] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # ---- settings ----------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        return (
+            self.config.hf_endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT
+        ).rstrip("/")
+
+    @property
+    def token(self) -> str | None:
+        return self.config.hf_token or os.environ.get("HF_TOKEN") or None
+
+    def _models_dir(self) -> Path:
+        if self.config.models_dir is None:
+            raise BadRequest(
+                "Downloads need a folder to go to: set models_dir in the config "
+                "(downloads land in a folder under it)"
+            )
+        return self.config.resolve(self.config.models_dir)
+
+    # ---- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        for data in await self.store.downloads():
+            job = self._restore(data)
+            if job is not None:
+                self._jobs[job.job_id] = job
+        self._trim()
+        self._pump()
+
+    def _restore(self, data: dict[str, Any]) -> Job | None:
+        try:
+            job = Job.from_record(data)
+        except (KeyError, ValueError, TypeError) as exc:
+            job_id = data.get("job_id") if isinstance(data, dict) else None
+            if not isinstance(job_id, str):
+                log.warning("a download record without a job id was dropped: %r", data)
+                return None
+            log.warning("download %s: its record is unreadable (%s)", job_id, exc)
+            job = Job(job_id, str(data.get("repo_id", "?")), Path(str(data.get("destination"))), [])
+            self._finish(job, JobStatus.INTERRUPTED, "Its record could not be read after a restart")
+            return job
+        if job.status not in ACTIVE:
+            return job
+        problem = self._resume_problem(job)
+        if problem is not None:
+            self._finish(job, JobStatus.INTERRUPTED, f"Not resumed after a restart: {problem}")
+        else:
+            job.status = JobStatus.QUEUED
+            job.message = "Resuming after a restart"
+            self.store.record_download(job.job_id, job.record())
+        return job
+
+    def _resume_problem(self, job: Job) -> str | None:
+        if self.config.models_dir is None:
+            return "models_dir is no longer set in the config"
+        try:
+            confined = confine(self._models_dir(), str(job.destination))
+        except BadRequest:
+            return f"its destination {job.destination} is no longer under models_dir"
+        if confined != job.destination:
+            return f"its destination {job.destination} is no longer under models_dir"
+        if not job.files or job.commit is None:
+            return "its record names no files"
+        return None
+
+    async def close(self) -> None:
+        """Stop every transfer (processes reaped), keep partial files, record
+        the jobs so the next start resumes them."""
+        self._closing = True
+        runs = list(self._runs.values())
+        for run in runs:
+            run.wake.set()
+        await asyncio.gather(*(run.finished.wait() for run in runs))
+
+    # ---- the API -----------------------------------------------------------------
+    def jobs(self) -> list[Job]:
+        return list(self._jobs.values())
+
+    def job(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise DownloadNotFound(f"No download job {job_id!r}") from None
+
+    async def submit(self, request: DownloadRequest) -> Job:
+        models_dir = self._models_dir()
+        endpoint, token = self.endpoint, self.token
+        ref = parse_repo(request.url, request.repo_id, endpoint)
+        revision = request.revision or ref.revision
+        include = request.include or ([ref.path] if ref.path else None)
+        destination = confine(models_dir, request.destination or default_destination(ref.repo_id))
+        listing = await self._hub(fetch_listing, endpoint, token, ref.repo_id, revision)
+        chosen = select_files(
+            listing.files, request.quantization, include, request.exclude, repo_id=ref.repo_id
+        )
+        commit = listing.commit or revision or "main"
+        if listing.gated:
+            await self._hub(check_access, endpoint, token, ref.repo_id, commit, chosen[0].name)
+        # No await from here on: the checks and the insertion are one step.
+        for other in self._jobs.values():
+            if other.status in ACTIVE and other.destination == destination:
+                raise ModelBusy(
+                    f"Download {other.job_id} is already writing to {destination}; "
+                    "cancel it or choose another destination"
+                )
+        files = [
+            FileState(
+                f.name,
+                f.size,
+                FileStatus.PRESENT
+                if _complete(destination / f.name, f.size)
+                else FileStatus.PENDING,
+            )
+            for f in chosen
+        ]
+        self._check_space(destination, files)
+        job = Job(
+            new_job_id(),
+            listing.repo_id,
+            destination,
+            files,
+            revision=revision,
+            commit=commit,
+            quantization=request.quantization,
+            include=include,
+            exclude=request.exclude,
+            created_destination=not destination.exists(),
+        )
+        job.bytes_done = sum(job.file_bytes(f) for f in files)
+        self._jobs[job.job_id] = job
+        self._move(job, JobStatus.QUEUED, "Waiting for a download slot")
+        self._pump()
+        return job
+
+    async def cancel(self, job_id: str) -> Job:
+        """Stop the job's transfer and remove its files; returns once the
+        process is gone.  A finished job is returned as it is."""
+        job = self.job(job_id)
+        run = self._runs.get(job_id)
+        if run is not None:
+            run.cancel = True
+            run.wake.set()
+            await run.finished.wait()
+        elif job.status is JobStatus.QUEUED:
+            # Cancelled first: the pump must not start it while its files go.
+            self._finish(job, JobStatus.CANCELLED, "Cancelled before it started")
+            await asyncio.to_thread(_remove_job_files, job)
+            self.store.record_download(job.job_id, job.record())
+        return job
+
+    async def verify(self, repo: str, revision: str | None = None) -> dict[str, Any]:
+        """Whether a repo can be downloaded: XandRouting's verify-repo.  A
+        missing or gated repo is an answer (exists/gated), not an error; only
+        an unreachable Hub is (502)."""
+        endpoint, token = self.endpoint, self.token
+        ref = parse_repo(repo, None, endpoint) if looks_like_url(repo) else parse_repo(None, repo)
+        revision = revision or ref.revision
+        result: dict[str, Any] = {
+            "repo_id": ref.repo_id,
+            "revision": revision,
+            "exists": False,
+            "gated": False,
+            "private": False,
+            "accessible": False,
+            "files": [],
+            "total_size": 0,
+            "gguf_quantizations": [],
+        }
+        try:
+            listing = await self._hub(fetch_listing, endpoint, token, ref.repo_id, revision)
+        except RepoGated as exc:
+            return {**result, "exists": True, "gated": True, "error": exc.message}
+        except RepoNotFound as exc:
+            return {**result, "error": exc.message}
+        result.update(
+            repo_id=listing.repo_id,
+            commit=listing.commit,
+            exists=True,
+            gated=listing.gated,
+            private=listing.private,
+            accessible=True,
+            files=[{"name": f.name, "size": f.size} for f in listing.files],
+            total_size=sum(f.size or 0 for f in listing.files),
+            gguf_quantizations=quantizations(listing.files),
+        )
+        if listing.gated and listing.files:
+            try:
+                await self._hub(
+                    check_access,
+                    endpoint,
+                    token,
+                    ref.repo_id,
+                    listing.commit or revision or "main",
+                    listing.files[0].name,
+                )
+            except (RepoGated, RepoNotFound) as exc:
+                result.update(accessible=False, error=exc.message)
+        return result
+
+    # ---- decisions ----------------------------------------------------------------
+    def _check_space(self, destination: Path, files: list[FileState]) -> None:
+        need = sum(f.size or 0 for f in files if f.status is not FileStatus.PRESENT)
+        # Other jobs on their way still need their own remaining bytes.
+        others = sum(
+            max(0, j.bytes_total - j.bytes_done) for j in self._jobs.values() if j.status in ACTIVE
+        )
+        free = self.free_bytes(destination)
+        if need + others > free:
+            busy = f" (other downloads still need {_mb(others)})" if others else ""
+            raise InsufficientStorage(
+                f"Not enough disk space for this download: it needs {_mb(need)} ({need} bytes), "
+                f"the disk of {destination} has {_mb(free)} ({free} bytes) free{busy}"
+            )
+
+    def _pump(self) -> None:
+        """Start queued jobs, oldest first, while slots are free."""
+        if self._closing:
+            return
+        for job in list(self._jobs.values()):
+            if len(self._runs) >= self.config.max_concurrent_downloads:
+                break
+            if job.status is JobStatus.QUEUED and job.job_id not in self._runs:
+                run = _Run()
+                self._runs[job.job_id] = run
+                job.started_at = job.started_at or time.time()
+                self._move(job, JobStatus.DOWNLOADING, "Downloading model files...")
+                task = asyncio.create_task(self._run(job, run), name=f"download-{job.job_id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        ahead = 0
+        for job in self._jobs.values():
+            if job.status is JobStatus.QUEUED and job.job_id not in self._runs:
+                job.message = f"Waiting for a download slot ({ahead} queued ahead)"
+                ahead += 1
+
+    def _move(self, job: Job, status: JobStatus, message: str) -> None:
+        if job.status is not status and status not in _EDGES[job.status]:
+            raise RuntimeError(f"download {job.job_id}: {job.status} -> {status} is not allowed")
+        job.status = status
+        job.message = message
+        self.store.record_download(job.job_id, job.record())
+
+    def _finish(
+        self, job: Job, status: JobStatus, message: str, error: DynllmError | None = None
+    ) -> None:
+        if error is not None:
+            job.error, job.error_code = error.message, error.code
+        job.finished_at = time.time()
+        job.speed = 0.0
+        self._move(job, status, message)
+        self._trim()
+
+    def _trim(self) -> None:
+        finished = [j for j in self._jobs.values() if j.status not in ACTIVE]
+        for job in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+            del self._jobs[job.job_id]
+            self.store.forget_download(job.job_id)
+
+    async def _hub(self, call: Callable[..., Any], endpoint: str, token: str | None,
+                   repo_id: str, revision: str | None, *rest: Any) -> Any:  # fmt: skip
+        try:
+            return await asyncio.to_thread(call, endpoint, token, repo_id, revision, *rest)
+        except DynllmError:
+            raise
+        except Exception as exc:  # the library's and the network's: one translation point
+            log.info("Hub request for %s failed: %r", repo_id, exc)
+            raise hub_error(exc, repo_id, endpoint, revision) from None
+
+    # ---- one job's transfer (its runner) ------------------------------------------
+    async def _run(self, job: Job, run: _Run) -> None:
+        try:
+            await self._transfer(job, run)
+        except Exception as exc:  # a bug here must not leave the job "downloading" forever
+            log.exception("download %s failed", job.job_id)
+            if job.status is JobStatus.DOWNLOADING:
+                self._finish(
+                    job, JobStatus.FAILED, "The download stopped on an internal error",
+                    DynllmError(f"internal error: {type(exc).__name__}"),
+                )  # fmt: skip
+        finally:
+            self._runs.pop(job.job_id, None)
+            run.finished.set()
+            self._pump()
+
+    async def _transfer(self, job: Job, run: _Run) -> None:
+        spec = {
+            "repo_id": job.repo_id,
+            "commit": job.commit,
+            "endpoint": self.endpoint,
+            "destination": str(job.destination),
+            "files": [f.name for f in job.files if f.status is FileStatus.PENDING],
+            "chunk_bytes": self.chunk_bytes,
+            "parent": os.getpid(),
+        }
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": self.endpoint,
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env.pop("HF_TOKEN", None)
+        if self.token:
+            env["HF_TOKEN"] = self.token  # in the environment: argv is visible to every user
+        if not run.cancel and not self._closing:
+            run.proc = await asyncio.create_subprocess_exec(
+                self.python, "-m", "dynllm.hubio",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        proc = run.proc
+        if proc is not None:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(spec).encode())
+            with contextlib.suppress(ConnectionError):
+                await proc.stdin.drain()
+            proc.stdin.close()
+            readers = [
+                asyncio.create_task(self._read_events(job, run, proc)),
+                asyncio.create_task(self._read_stderr(run, proc)),
+            ]
+            exited = asyncio.create_task(proc.wait())
+            while not exited.done():
+                woken = asyncio.create_task(run.wake.wait())
+                await asyncio.wait({exited, woken}, timeout=POLL_SECONDS,
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+                woken.cancel()
+                if (run.cancel or self._closing) and not exited.done():
+                    await _stop(proc)
+                self._progress(job, run)
+            await asyncio.gather(*readers)
+        self._progress(job, run, force=True)
+        await self._conclude(job, run, None if proc is None else proc.returncode)
+
+    async def _conclude(self, job: Job, run: _Run, returncode: int | None) -> None:
+        if run.cancel:
+            await asyncio.to_thread(_remove_job_files, job)
+            job.bytes_done = 0
+            self._finish(
+                job, JobStatus.CANCELLED, "Cancelled; the files it had written are removed"
+            )
+        elif self._closing:
+            for f in job.files:
+                if f.status is FileStatus.DOWNLOADING:
+                    f.status = FileStatus.PENDING
+            self._move(
+                job, JobStatus.QUEUED, "dynllm stopped; the download resumes at the next start"
+            )
+        elif returncode == 0 and all(
+            f.status in (FileStatus.DONE, FileStatus.PRESENT) for f in job.files
+        ):
+            seconds = time.time() - (job.started_at or job.created_at)
+            self._finish(
+                job, JobStatus.COMPLETED,
+                f"Downloaded {len(job.files)} file(s), {_mb(job.bytes_total)}, in {seconds:.1f} s",
+            )  # fmt: skip
+            try:
+                self.on_finished(job.destination)
+            except Exception:  # the download stands; discovery's next scan finds it
+                log.exception("download %s: the rescan after it failed", job.job_id)
+        else:
+            code, message = run.failure or (
+                "download_failed",
+                f"The download process exited with status {returncode}",
+            )
+            if run.failure is None and run.stderr:
+                log.warning("download %s: %s", job.job_id, " | ".join(run.stderr))
+            error = _coded(code, message)
+            self._finish(job, JobStatus.FAILED, message, error)
+
+    def _progress(self, job: Job, run: _Run, force: bool = False) -> None:
+        job.bytes_done = sum(job.file_bytes(f) for f in job.files)
+        now = time.monotonic()
+        run.samples.append((now, job.bytes_done))
+        while run.samples and now - run.samples[0][0] > SPEED_WINDOW:
+            run.samples.popleft()
+        first_t, first_b = run.samples[0]
+        job.speed = (job.bytes_done - first_b) / (now - first_t) if now > first_t else 0.0
+        if force or now - run.last_record >= RECORD_EVERY:
+            run.last_record = now
+            self.store.record_download(job.job_id, job.record())
+
+    async def _read_events(self, job: Job, run: _Run, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        by_name = {f.name: f for f in job.files}
+        async for raw in proc.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                run.stderr.append(raw.decode(errors="replace").rstrip())
+                continue
+            if not isinstance(event, dict):
+                continue
+            kind = event.get("event")
+            f = by_name.get(str(event.get("name")))
+            if kind == "file" and f is not None:
+                f.status = FileStatus.DOWNLOADING
+                f.partial = event.get("partial")
+                self.store.record_download(job.job_id, job.record())
+            elif kind == "done" and f is not None:
+                f.status = FileStatus.DONE
+                f.partial = None
+                self.store.record_download(job.job_id, job.record())
+            elif kind == "error":
+                run.failure = (str(event.get("code")), str(event.get("message")))
+
+    async def _read_stderr(self, run: _Run, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            run.stderr.append(raw.decode(errors="replace").rstrip())
+
+
+def _coded(code: str, message: str) -> DynllmError:
+    error = DynllmError(message)
+    error.code = code
+    return error
+
+
+def _complete(path: Path, size: int | None) -> bool:
+    try:
+        return path.is_file() and (size is None or path.stat().st_size == size)
+    except OSError:
+        return False
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM to the transfer's process group, SIGKILL after the grace; reaped."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            await asyncio.wait_for(proc.wait(), wait)
+            return
+        except TimeoutError:
+            continue
+
+
+def _die_with_parent() -> None:
+    """Runs in the child between fork and exec: a dynllm killed with -9 takes
+    its transfers along (they would otherwise write on, and a restart's
+    resume would race them for the same partial file)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the lock on each file still holds
+        pass
+
+
+def _hf_dir(destination: Path) -> Path:
+    return destination / ".cache" / "huggingface"
+
+
+def _remove_job_files(job: Job) -> None:
+    """What a cancel removes (see the module's docstring).  Runs in a worker
+    thread, after the transfer's process is gone."""
+    hf = _hf_dir(job.destination)
+    for f in job.files:
+        if f.status is FileStatus.PRESENT:
+            continue
+        if f.status is FileStatus.DONE:
+            (job.destination / f.name).unlink(missing_ok=True)
+        for suffix in (".metadata", ".lock"):
+            (hf / "download" / (f.name + suffix)).unlink(missing_ok=True)
+        f.status, f.partial = FileStatus.PENDING, None
+    if hf.is_dir():
+        for partial in hf.rglob("*.incomplete"):
+            partial.unlink(missing_ok=True)
+    _prune(job.destination, keep_root=not job.created_destination)
+
+
+_HF_BOOKKEEPING = frozenset({"CACHEDIR.TAG", ".gitignore", ".gitignore.lock"})
+
+
+def _prune(destination: Path, keep_root: bool) -> None:
+    """Remove the empty folders a cancelled job leaves (bottom up), and
+    ``.cache/huggingface`` when only huggingface_hub's own markers are left."""
+    hf = _hf_dir(destination)
+    if not destination.is_dir():
+        return
+    for folder, _, _ in sorted(os.walk(destination), key=lambda t: -len(t[0])):
+        if folder != str(destination):
+            with contextlib.suppress(OSError):  # not empty: someone else's files
+                os.rmdir(folder)
+    if hf.is_dir() and {p.name for p in hf.iterdir()} <= _HF_BOOKKEEPING:
+        for name in _HF_BOOKKEEPING:
+            (hf / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            hf.rmdir()
+            hf.parent.rmdir()
+    if not keep_root:
+        with contextlib.suppress(OSError):
+            destination.rmdir()
