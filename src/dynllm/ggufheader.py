@@ -173,7 +173,7 @@ def _parse(data: mmap.mmap | bytes) -> Header:
     n_kv = cur.u64("the key count")
     # Each key and each tensor info takes well over 8 bytes: a count beyond that is corrupt.
     if 8 * (n_tensors + n_kv) > cur.size:
-        raise GGUFError("corrupt: the key or tensor count is larger than the file")
+        raise GGUFError(f"truncated or corrupt: too short for {n_kv} keys and {n_tensors} tensors")
 
     metadata: dict[str, Any] = {}
     for index in range(n_kv):

@@ -36,6 +36,7 @@ from tests.support.tiny_mmproj import write_tiny_audio_mmproj
 
 __all__ = [
     "main",
+    "rewrite_gguf",
     "shard_names",
     "split_gguf",
     "tensor_bytes",
@@ -111,6 +112,12 @@ def _rewrite(
         writer.write_tensors_to_file()
         writer.close()
     return list(outputs)
+
+
+def rewrite_gguf(src: Path, dst: Path, overrides: Mapping[str, Any]) -> Path:
+    """Copy ``src`` to ``dst`` with some metadata values replaced (same types), e.g.
+    ``{"llama.pooling_type": 4}`` to make the tiny embedding model a reranker."""
+    return _rewrite(Path(src), [Path(dst)], overrides=overrides)[0]
 
 
 def split_gguf(src: Path, directory: Path, stem: str, shards: int) -> list[Path]:
