@@ -30,6 +30,7 @@ from dynllm.discovery import (
     scan_one,
 )
 from dynllm.ggufheader import GGUFError, read_header
+from tests.support.llama_run import running_llama_server
 from tests.support.tiny_gguf import write_tiny_embedding, write_tiny_llama
 from tests.support.tiny_split import rewrite_gguf, write_mmproj, write_split_llama
 
@@ -755,3 +756,35 @@ def test_scan_one_tries_each_folder_in_order(tmp_path: Path, tiny: Path) -> None
     first.mkdir()
     found = scan_one(Path("only-here.gguf"), [first, second], ALL)
     assert found is not None and found.root == second.resolve()
+
+
+# ---- what llama-server makes of it ----------------------------------------------------
+def test_llama_server_serves_discovered_split_models(tmp_path: Path) -> None:
+    """The paths discovery hands out load in the real llama-server: a split model by
+    its first shard (plain, and in the Hugging Face cache's symlink layout) with the
+    projector attached next to it."""
+    models = tmp_path / "models"
+    write_split_llama(models / "plain", "Tiny-Q8_0", 3)
+    write_mmproj(models / "plain")
+    repo = models / "models--org--Tiny" / "snapshots" / "abc"
+    blobs = models / "models--org--Tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    repo.mkdir(parents=True)
+    for index, shard in enumerate(write_split_llama(tmp_path / "staging", "Tiny-F16", 2)):
+        shutil.move(shard, blobs / f"sha{index}")
+        (repo / shard.name).symlink_to(Path("../../blobs") / f"sha{index}")
+    found = by_name(scan([models], ALL))
+    assert sorted(found) == ["models--org--Tiny/snapshots/abc/Tiny-F16", "plain/Tiny-Q8_0"]
+    for model in found.values():
+        extra = ["--mmproj", str(model.mmproj)] if model.mmproj else []
+        log = tmp_path / f"{model.path.name}.log"
+        with running_llama_server(model.path, log, *extra) as http:
+            body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            began = time.perf_counter()
+            r = http.post("/v1/chat/completions", json=body)
+            took = time.perf_counter() - began
+        assert r.status_code == 200, r.text
+        answer = r.json()["choices"][0]["message"]["content"]
+        print(f"llama-server on {model.name} ({len(model.files)} files): {answer!r} in "
+              f"{took * 1000:.0f} ms")  # fmt: skip
+        assert len(answer.split()) == 4

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import math
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
-import httpx
 import pytest
 
 from dynllm.config import BackendName
 from dynllm.discovery import ModelMeta, scan
 from dynllm.estimate import MIB, Estimate, estimate, kv_cache_bytes
-from tests.conftest import poll
-from tests.support.binaries import llama_server_binary
-from tests.support.net import free_port, http_ok
+from tests.support.llama_run import running_llama_server
 from tests.support.tiny_gguf import TinyModelSpec
 from tests.support.tiny_split import write_gqa_llama
 
@@ -89,29 +85,11 @@ def test_estimate_within_10_percent_of_the_hand_sum(gqa_model: Path) -> None:
 @pytest.fixture
 def llama_log(tmp_path: Path) -> Iterator[Path]:
     """A real llama-server on the GQA model at CONTEXT, CPU only; its log file."""
-    port = free_port()
-    log = tmp_path / "llama-server.log"
     model = write_gqa_llama(tmp_path / "gqa.gguf", SPEC, n_head_kv=N_HEAD_KV)
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [llama_server_binary(), "-m", str(model), "--host", "127.0.0.1",
-             "--port", str(port), "-c", str(CONTEXT), "-ngl", "0", "-t", "1",
-             "--no-webui", "-lv", "4"],  # -lv 4: the buffer sizes are logged at this level
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5, trust_env=False) as h:
-            poll(lambda: proc.poll() is not None or http_ok(h), timeout=60)
-        assert proc.poll() is None, f"llama-server exited with {proc.returncode}"
+    log = tmp_path / "llama-server.log"
+    # -lv 4: the buffer sizes are logged at this level
+    with running_llama_server(model, log, "-lv", "4", context=CONTEXT):
         yield log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_estimate_against_what_llama_server_allocates(llama_log: Path) -> None:
