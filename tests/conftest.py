@@ -137,6 +137,9 @@ class ConfigFactory:
             "health_poll_interval_ms": 20,
             "stop_timeout_seconds": 3,
             "idle_check_interval_seconds": 0.5,
+            # The shared models folder holds fixtures of other tests; a test
+            # of discovery turns it on with a folder of its own.
+            "discovery": False,
             "models": [
                 {"path": "fake.gguf", "backend": "llamacpp", "vram_mb": 1000, **m} for m in models
             ],

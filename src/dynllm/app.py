@@ -40,22 +40,26 @@ from starlette.types import Receive, Scope, Send
 
 from dynllm import __version__
 from dynllm.admission import Admission
-from dynllm.api import admin, kserve, openai, routes, ui
+from dynllm.api import admin, downloads, kserve, modelcache, openai, routes, ui
 from dynllm.api.access import Access, is_loopback
 from dynllm.api.cors import Cors, is_preflight
 from dynllm.api.dispatch import dispatch, send_error
 from dynllm.api.jsonwork import JsonWorker
 from dynllm.backends import Upstream, missing_binary, upstream_table
+from dynllm.catalog import Catalog
+from dynllm.catalog import build as build_catalog
 from dynllm.config import Config
+from dynllm.downloads import DownloadManager
 from dynllm.errors import DynllmError, Forbidden, Shape, error_body, invalid_request
 from dynllm.events import EventHub, LineHub, Reason, log_event
-from dynllm.hotreload import Reloader
+from dynllm.hotreload import Reloader, scan_folders
 from dynllm.launcher import ProcessEffects
 from dynllm.metrics import Metrics
 from dynllm.proxy import make_client
 from dynllm.registry import ApiFamily, Registry
 from dynllm.requestlog import RequestSink, default_sinks
 from dynllm.scheduler import Scheduler
+from dynllm.stats import CacheStats
 from dynllm.store import Store
 
 log = logging.getLogger("dynllm")
@@ -69,6 +73,8 @@ class Services:
     store: Store
     effects: ProcessEffects
     client: aiohttp.ClientSession
+    catalog: Catalog
+    """The served models (YAML, discovered, variants); ``config`` is its effective config."""
     started_at: float = field(default_factory=time.time)
     json_worker: JsonWorker = field(default_factory=JsonWorker)
     """Parses JSON bodies too large for the event loop (no process until the first)."""
@@ -80,8 +86,12 @@ class Services:
     """Lifecycle events from the scheduler to the store, log, metrics and streams."""
     lines: LineHub = field(default_factory=LineHub)
     """Backend output lines to the followers of a model's log."""
-    reloader: Reloader | None = None
-    """Re-reads the config file (None: started without one)."""
+    reloader: Reloader = field(init=False)
+    """Swaps in a new catalog: config reloads, folder rescans, variants."""
+    stats: CacheStats = field(default_factory=CacheStats)
+    """Cache hits and misses per model (``/v1/models/stats``)."""
+    downloads: DownloadManager = field(init=False)
+    """Hugging Face download jobs (``/v1/models/download``, ``dynllm pull``)."""
     metrics: Metrics = field(init=False)
     upstreams: dict[tuple[str, ApiFamily], Upstream] = field(init=False)
     json_limit: int = field(init=False)
@@ -230,46 +240,90 @@ def create_app(
             log.warning(
                 "model file for '%s' does not exist: %s", model.name, config.model_path(model)
             )
+        catalog = build_catalog(config, await scan_folders(config))
+        for problem in catalog.problems:
+            log.warning("model discovery: %s", problem)
+        if catalog.dirs:
+            log.info(
+                "discovered %d model(s) in %s",
+                len(catalog.discovered),
+                ", ".join(str(d) for d in catalog.dirs),
+            )
+        served = catalog.config  # the YAML's models and the discovered ones
         store = Store(config.db_file, marker)
         await store.open()
         orphans = await store.reconcile(
-            [m.name for m in config.models], config.stop_timeout_seconds
+            [m.name for m in served.models], config.stop_timeout_seconds
         )
         if orphans:
             log.warning("stopped %d process(es) left by a previous run", len(orphans))
         client = make_client(config)
         probe_client = httpx.AsyncClient(trust_env=False)
         lines = LineHub()
-        effects = ProcessEffects(config, marker, probe_client, on_line=lines.publish)
+        effects = ProcessEffects(served, marker, probe_client, on_line=lines.publish)
         events = EventHub()
         events.subscribe(store.on_event)  # the durable shadow first
         events.subscribe(log_event)
-        scheduler = Scheduler(config, effects, events.publish, usage=store.record_usage)
-        scheduler.restore(await store.rows())
+        scheduler = Scheduler(served, effects, events.publish, usage=store.record_usage)
+        rows = await store.rows()
+        scheduler.restore(rows)
         services = Services(
-            config, Registry(config), scheduler, store, effects, client, events=events, lines=lines
+            served,
+            Registry(served),
+            scheduler,
+            store,
+            effects,
+            client,
+            catalog,
+            events=events,
+            lines=lines,
         )
+        services.stats.restore(rows)
         events.subscribe(services.metrics.on_event)
         services.request_sinks.append(services.metrics.observe_request)
         app.state.services = services
-        if config_path is not None:
-            services.reloader = Reloader(front, config_path, adjust)
-            if reload_on_sighup:
-                asyncio.get_running_loop().add_signal_handler(
-                    signal.SIGHUP, _reload_on_signal, services.reloader
-                )
+        services.reloader = Reloader(front, config_path, adjust)
+        rescans: set[asyncio.Task[Any]] = set()
+
+        def downloaded(folder: Path) -> None:
+            # Served at once: scan the folders now rather than at the next interval.
+            task = asyncio.get_running_loop().create_task(services.reloader.rescan())
+            rescans.add(task)
+            task.add_done_callback(rescans.discard)
+            log.info("download finished in %s; scanning the model folders", folder)
+
+        services.downloads = DownloadManager(config, store, on_finished=downloaded)
+        await services.downloads.start()
+        if config_path is not None and reload_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, _reload_on_signal, services.reloader
+            )
         streams_closer = asyncio.create_task(
             _end_streams_when_stopping(services, stopping), name="end-streams"
         )
+
+        async def every_check_interval() -> None:
+            services.stats.flush(store.record)
+            await scheduler.unload_idle()
+
         jobs = AsyncIOScheduler()
         jobs.add_job(
-            scheduler.unload_idle,
+            every_check_interval,
             "interval",
             seconds=config.idle_check_interval_seconds,
             max_instances=1,
             coalesce=True,
             id="idle-unload",
         )
+        if catalog.dirs and config.rescan_interval_seconds > 0:
+            jobs.add_job(
+                services.reloader.rescan,
+                "interval",
+                seconds=config.rescan_interval_seconds,
+                max_instances=1,
+                coalesce=True,
+                id="rescan",
+            )
         jobs.start()
         try:
             await _preload(app.state.services, stopping)
@@ -281,7 +335,9 @@ def create_app(
             events.close()
             lines.close()
             jobs.shutdown(wait=False)
+            await services.downloads.close()
             await scheduler.shutdown()
+            services.stats.flush(store.record)
             await client.close()
             await probe_client.aclose()
             await app.state.services.json_worker.close()
@@ -295,6 +351,8 @@ def create_app(
         redoc_url=None,
     )
     install_error_handlers(app)
+    modelcache.install(app)  # these two before openai's /v1/models/{model}
+    downloads.install(app)
     openai.install(app)
     kserve.install(app)
     admin.install(app)

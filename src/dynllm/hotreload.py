@@ -1,31 +1,42 @@
-"""Re-reading the config while dynllm runs (SIGHUP, ``POST /admin/reload``,
-``dynllm reload``).
+"""Changing the served models while dynllm runs: re-reading the config
+(SIGHUP, ``POST /admin/reload``, ``dynllm reload``), scanning the model
+folders again (periodically, ``POST /admin/models/rescan``, after a
+download), and adding the variants requests ask for.
 
-The new file is read and validated first: an invalid one is refused with its
-error and the running config stays.  Then everything derived from the config
-(the name registry, the (model, route) -> upstream table, body limits, API
-keys, CORS origins, the launcher's settings) is built anew, and only then
-swapped in, in one synchronous step on the event loop: no request sees half
-of the old config and half of the new.  The scheduler applies the difference
-(``reload.plan_reload``): new models appear, changed ones restart once idle,
-removed ones unload once idle and go, global settings apply at once.
+Each builds a new ``catalog.Catalog`` and swaps it in through ``_swap``:
+everything derived from it (the name registry, the (model, route) ->
+upstream table, body limits, API keys, CORS origins, the launcher's
+settings) is built first, then swapped in one synchronous step on the event
+loop: no request sees half of the old catalog and half of the new.  The
+scheduler applies the difference (``reload.plan_reload``): new models
+appear, changed ones restart once idle, removed ones (a deleted file, a
+removed YAML entry) unload once idle and go, global settings apply at once.
 
-What a running server cannot change (its listen address, its state file) is
-kept as it is and reported as needing a restart.
+An invalid config file is refused with its error and the running config
+stays.  What a running server cannot change (its listen address, its state
+file) is kept as it is and reported as needing a restart.  Folder scans run
+in a thread; the catalog is built from their result on the loop, from the
+newest config and variants, so a reload or a variant added meanwhile is
+never lost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from dynllm import catalog as cat
 from dynllm.api.access import Access
 from dynllm.api.cors import Cors
 from dynllm.backends import upstream_table
-from dynllm.config import Config, ConfigError, load_config
-from dynllm.errors import InvalidConfig
+from dynllm.config import Config, ConfigError, ModelConfig, load_config
+from dynllm.discovery import Scan, scan, scan_one
+from dynllm.errors import BadRequest, InvalidConfig, ModelNotFound
+from dynllm.events import ModelState
 from dynllm.registry import Registry
 from dynllm.reload import ReloadPlan, plan_reload
 
@@ -35,42 +46,66 @@ if TYPE_CHECKING:
 log = logging.getLogger("dynllm.reload")
 
 
+@dataclass(frozen=True)
+class RescanResult:
+    plan: ReloadPlan
+    found: int
+    problems: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "added": list(self.plan.added),
+            "removed": list(self.plan.removed),
+            "changed": list(self.plan.changed),
+            "found": self.found,
+            "problems": list(self.problems),
+        }
+
+
+async def scan_folders(config: Config) -> Scan:
+    """Scan the model folders of ``config`` in a thread (file reads)."""
+    dirs = cat.model_dirs(config)
+    if not dirs:
+        return cat.empty_scan()
+    return await asyncio.to_thread(scan, dirs, list(config.enabled_backends))
+
+
 class Reloader:
     def __init__(
         self,
         front: Front,
-        path: Path,
+        path: Path | None,
         adjust: Callable[[Config], Config] = lambda config: config,
     ) -> None:
-        """``adjust``: what the command line and environment add to a config
-        read from ``path`` (the same as at startup)."""
+        """``path``: the config file a reload re-reads (None: started without
+        one); ``adjust``: what the command line and environment add to a
+        config read from it (the same as at startup)."""
         self.front = front
         self.path = path
         self.adjust = adjust
+        self._scan_lock = asyncio.Lock()
 
-    def reload(self) -> ReloadPlan:
+    @property
+    def services(self) -> Services:
         services: Services = self.front.state.services
-        old = services.config
+        return services
+
+    # ---- the three ways the catalog changes --------------------------------------
+    def reload(self) -> ReloadPlan:
+        if self.path is None:
+            raise BadRequest("This dynllm was started without a config file to re-read")
+        old = self.services.catalog
         try:
             new = self.adjust(load_config(self.path))
         except ConfigError as exc:
             log.error("reload refused, the running config stays: %s: %s", self.path, exc)
             message = f"The new config is invalid; the running one stays: {exc}"
             raise InvalidConfig(message) from None
-        plan = plan_reload(old, new)
         # What only a restart can change stays as it runs.
-        new = new.model_copy(update={"server": old.server, "db_path": old.db_path})
-        registry, upstreams, access = Registry(new), upstream_table(new), Access(new)
-        cors = Cors.from_config(new.cors_origins)
-        # From here to the end: no await, so the swap is one step for every request.
-        services.config = new
-        services.registry = registry
-        services.upstreams = upstreams
-        services.json_limit = int(new.max_body_mb * (1 << 20))
-        services.upload_limit = int(new.max_upload_mb * (1 << 20))
-        services.effects.config = new
-        self.front.access, self.front.cors = access, cors
-        services.scheduler.reconfigure(new, plan)
+        restart = plan_reload(old.yaml, new).restart_needed
+        new = new.model_copy(update={"server": old.yaml.server, "db_path": old.yaml.db_path})
+        scan_result = old.scan if cat.model_dirs(new) == old.dirs else cat.empty_scan()
+        plan = self._swap(cat.build(new, scan_result, old.variants), restart)
         log.info(
             "config reloaded from %s: added %s, changed %s, removed %s, updated %s%s",
             self.path,
@@ -82,4 +117,136 @@ class Reloader:
             if plan.restart_needed
             else "",
         )
+        if cat.model_dirs(new) != old.dirs:  # new folders: scan them now
+            asyncio.get_running_loop().create_task(self.rescan(), name="rescan-after-reload")
         return plan
+
+    async def rescan(self) -> RescanResult:
+        """Scan the model folders again and serve what changed: new files
+        appear, removed ones unload once idle and go."""
+        async with self._scan_lock:  # one scan at a time; later callers get a fresh one
+            found = await scan_folders(self.services.catalog.yaml)
+            current = self.services.catalog  # the newest, after the await
+            if cat.model_dirs(current.yaml) != current.dirs:
+                return RescanResult(plan_reload(current.config, current.config), 0, ())
+            new = cat.build(current.yaml, found, current.variants)
+            plan = self._swap(new)
+            for problem in new.problems:
+                if problem not in current.problems:
+                    log.warning("model discovery: %s", problem)
+            if plan.added or plan.removed or plan.changed:
+                log.info(
+                    "model folders rescanned: added %s, removed %s, changed %s",
+                    list(plan.added),
+                    list(plan.removed),
+                    list(plan.changed),
+                )
+            return RescanResult(plan, len(found.found), new.problems)
+
+    def with_variant(self, spec: ModelConfig, settings: dict[str, Any]) -> ModelConfig:
+        """The model that serves ``spec`` with a request's ``settings``: a
+        variant of it (added to the catalog the first time), or ``spec``
+        itself when the settings change nothing.  Synchronous: two requests
+        asking for the same new variant get the same entry."""
+        current = self.services.catalog
+        wanted = cat.variant_for(current, spec, settings)
+        if wanted is None:
+            return self.services.registry.get(current.base_of(spec.name))
+        name, variant = wanted
+        if name not in current.variants:
+            scheduler = self.services.scheduler
+            idle = [
+                n
+                for n, s in sorted(scheduler.slots.items(), key=lambda item: item[1].last_used)
+                if n in current.variants
+                and s.state is ModelState.UNLOADED
+                and not scheduler.waiting(s)
+            ]
+            self._swap(cat.with_variant(current, name, variant, idle))
+            log.info("serving '%s' as a variant of '%s'", name, variant.base)
+        return self.services.registry.get(name)
+
+    async def find(self, label: str) -> ModelConfig:
+        """A model named by a path (absolute, or relative to a models
+        folder) or a name the last scan has not seen yet: found on disk
+        inside a models folder, or ModelNotFound."""
+        current = self.services.catalog
+        not_found = ModelNotFound(f"The model '{label}' does not exist")
+        if not current.dirs or not label or "\x00" in label or len(label) > 4096:
+            raise not_found
+        candidates = _candidates(label, current.dirs)
+        for path in candidates:
+            name = current.paths.get(path)
+            if name is not None:
+                return self.services.registry.get(name)
+        inside = [n for p, n in current.paths.items() if any(_within(p, c) for c in candidates)]
+        if len(inside) > 1:
+            raise BadRequest(
+                f"The folder '{label}' holds {len(inside)} models; name one of: "
+                + ", ".join(sorted(inside)[:20])
+            )
+        if inside:
+            return self.services.registry.get(inside[0])
+        for path in candidates:
+            found = await asyncio.to_thread(
+                scan_one, path, current.dirs, list(current.yaml.enabled_backends)
+            )
+            if found is not None:
+                await self.rescan()  # serve it, and whatever else is new there
+                name = self.services.catalog.paths.get(found.path)
+                if name is not None:
+                    return self.services.registry.get(name)
+        raise not_found
+
+    # ---- the swap --------------------------------------------------------------------
+    def _swap(self, new: cat.Catalog, restart_needed: tuple[str, ...] = ()) -> ReloadPlan:
+        services = self.services
+        old_config, config = services.config, new.config
+        plan = plan_reload(old_config, config)
+        if restart_needed:
+            plan = ReloadPlan(plan.added, plan.changed, plan.removed, plan.updated, restart_needed)
+        registry, upstreams, access = Registry(config), upstream_table(config), Access(config)
+        cors = Cors.from_config(config.cors_origins)
+        # From here to the end: no await, so the swap is one step for every request.
+        services.catalog = new
+        services.config = config
+        services.registry = registry
+        services.upstreams = upstreams
+        services.json_limit = int(config.max_body_mb * (1 << 20))
+        services.upload_limit = int(config.max_upload_mb * (1 << 20))
+        services.effects.config = config
+        self.front.access, self.front.cors = access, cors
+        services.scheduler.reconfigure(config, plan)
+        return plan
+
+
+def _candidates(label: str, dirs: tuple[Path, ...]) -> list[Path]:
+    """Where ``label`` may point: itself if absolute, else under each models
+    folder; with and without ``.gguf``; resolved (symlinks, ``..``) and
+    kept only when inside a models folder."""
+    raw = Path(label)
+    bases = [raw] if raw.is_absolute() else [d / raw for d in dirs]
+    out: list[Path] = []
+    for base in bases:
+        for path in (base, base.with_name(base.name + ".gguf")):
+            try:
+                resolved = path.resolve()
+            except (OSError, RuntimeError, ValueError):
+                continue
+            if resolved not in out and any(_within(resolved, d) for d in _resolved_dirs(dirs)):
+                out.append(resolved)
+    return out
+
+
+def _resolved_dirs(dirs: tuple[Path, ...]) -> list[Path]:
+    out = []
+    for d in dirs:
+        try:
+            out.append(d.resolve())
+        except (OSError, RuntimeError, ValueError):
+            continue
+    return out
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents

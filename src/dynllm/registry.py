@@ -50,6 +50,9 @@ class Registry:
     def __iter__(self) -> Iterator[ModelConfig]:
         return iter(self._models)
 
+    def find(self, label: str) -> ModelConfig | None:
+        return self._by_label.get(label)
+
     def get(self, label: str) -> ModelConfig:
         try:
             return self._by_label[label]
@@ -57,12 +60,16 @@ class Registry:
             raise ModelNotFound(f"The model '{label}' does not exist") from None
 
     def for_family(self, label: str, family: ApiFamily) -> ModelConfig:
-        model = self.get(label)
-        served = SERVES[model.model_type]
-        if family not in served:
-            raise WrongModelType(
-                f"The model '{label}' has model_type '{model.model_type.value}' and does not "
-                f"serve {family.value} requests; it serves: "
-                + ", ".join(sorted(f.value for f in served))
-            )
-        return model
+        return check_family(self.get(label), family, label)
+
+
+def check_family(model: ModelConfig, family: ApiFamily, label: str) -> ModelConfig:
+    """``model`` if its type serves ``family``, else WrongModelType naming ``label``."""
+    served = SERVES[model.model_type]
+    if family not in served:
+        raise WrongModelType(
+            f"The model '{label}' has model_type '{model.model_type.value}' and does not "
+            f"serve {family.value} requests; it serves: "
+            + ", ".join(sorted(f.value for f in served))
+        )
+    return model

@@ -205,6 +205,9 @@ class Slot:
     taken once the running backend is idle and stopped."""
     retiring: bool = False
     """A reloaded config removed it: unloaded once idle, then dropped."""
+    keep: float | None = None
+    """Idle seconds the last finished request asked for (``ttl`` /
+    ``keep_alive``; 0: unload at once, inf: never); None: the config's."""
 
     @property
     def name(self) -> str:
@@ -218,7 +221,7 @@ class Slot:
 class Lease:
     """A right to send requests to a ready backend, held until the response ends."""
 
-    __slots__ = ("_handle", "_scheduler", "_slot", "generation", "port", "released", "spec")
+    __slots__ = ("_handle", "_scheduler", "_slot", "generation", "keep", "port", "released", "spec")
 
     def __init__(self, scheduler: Scheduler, slot: Slot) -> None:
         self._scheduler = scheduler
@@ -229,6 +232,8 @@ class Lease:
         self.port: int = slot.port
         self._handle: Handle = slot.handle
         self.released = False
+        self.keep: float | None = None
+        """The idle timeout the request asked for, applied when it ends."""
 
     @property
     def base_url(self) -> str:
@@ -243,7 +248,7 @@ class Lease:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._scheduler._release(self._slot, self.generation)
+            self._scheduler._release(self._slot, self.generation, self.keep)
 
 
 @dataclass(eq=False, slots=True)
@@ -549,15 +554,24 @@ class Scheduler:
                 self._count(head)
             head.turn.set_result(None)
 
-    def _release(self, slot: Slot, generation: int) -> None:
+    def _release(self, slot: Slot, generation: int, keep: float | None = None) -> None:
         if generation != slot.generation:
             return  # that backend is gone; its bookkeeping was reset with it
         slot.in_flight -= 1
         slot.last_used = self._clock()
         slot.last_used_wall = self._wall()
+        slot.keep = keep  # the idle deadline counts from the end of this request
         self._used.add(slot)  # written by flush_usage(), not per request
         if slot.in_flight == 0:
             self._pump()
+            if (
+                keep == 0
+                and slot.state is ModelState.READY
+                and not slot.busy
+                and not slot.spec.pinned
+                and not self._closing
+            ):
+                self._begin_unload(slot, Reason.IDLE, "its last request asked for keep_alive 0")
 
     # ---- loading -------------------------------------------------------------------
     def _begin_load(self, slot: Slot, victims: list[Slot], reason: Reason) -> None:
@@ -714,6 +728,7 @@ class Scheduler:
         slot.handle, slot.port = None, None
         slot.generation += 1
         slot.in_flight = 0
+        slot.keep = None  # a request's ttl lasts as long as the backend it was sent to
         self._move(slot, ModelState.UNLOADED, reason, detail)
         slot.stopped.set()
         self._pump()
@@ -826,15 +841,20 @@ class Scheduler:
             if s.state is ModelState.READY
             and not s.busy
             and not s.spec.pinned  # pinned: only unloaded by hand
-            and not math.isinf(timeout := self.config.unload_after(s.spec))
+            and not math.isinf(timeout := self.unload_after(s))
             and now - s.last_used >= timeout
         ]
+
+    def unload_after(self, slot: Slot) -> float:
+        """Idle seconds before ``slot`` unloads: what its last request asked
+        for, else its config's."""
+        return slot.keep if slot.keep is not None else self.config.unload_after(slot.spec)
 
     async def unload_idle(self) -> list[str]:
         self.flush_usage()
         victims = self.idle_victims()
         tasks = [
-            self._begin_unload(s, Reason.IDLE, f"unused for {self.config.unload_after(s.spec):g} s")
+            self._begin_unload(s, Reason.IDLE, f"unused for {self.unload_after(s):g} s")
             for s in victims
         ]
         if tasks:
@@ -877,7 +897,7 @@ class Scheduler:
             "consecutive_failures": slot.failures,
             "cooldown_until": cooldown_until,
             "pinned": slot.spec.pinned,
-            "unload_after_seconds": _json_seconds(self.config.unload_after(slot.spec)),
+            "unload_after_seconds": _json_seconds(self.unload_after(slot)),
         }
 
     def queue_length(self) -> int:

@@ -185,8 +185,11 @@ async def admin_unload(request: Request) -> dict[str, Any]:
 @router.post("/admin/models/unload-all", openapi_extra=_FORCE_BODY)
 async def admin_unload_all(request: Request, force: bool = False) -> dict[str, Any]:
     """``force`` as a query parameter or in an optional JSON body ``{"force": true}``."""
-    services = _services(request)
-    raw = await request.body()
+    return await unload_all(_services(request), await request.body(), force)
+
+
+async def unload_all(services: Any, raw: bytes, force: bool) -> dict[str, Any]:
+    """Unload every model; busy ones are listed unless ``force`` (query or body)."""
     if raw.strip():
         body = parse_json_object(raw)
         if not isinstance(body.get("force", False), bool) or set(body) - {"force"}:
@@ -205,10 +208,14 @@ async def admin_unload_all(request: Request, force: bool = False) -> dict[str, A
 @router.post("/admin/reload")
 async def admin_reload(request: Request) -> dict[str, Any]:
     """Re-read the config file; an invalid one is refused (400) and the running one stays."""
-    reloader = _services(request).reloader
-    if reloader is None:
-        raise BadRequest("This dynllm was started without a config file to re-read")
-    return {"reloaded": True, **reloader.reload().as_dict()}
+    return {"reloaded": True, **_services(request).reloader.reload().as_dict()}
+
+
+@router.post("/admin/models/rescan")
+async def admin_rescan(request: Request) -> dict[str, Any]:
+    """Scan models_dir and model_dirs again: new files are served at once,
+    removed ones unload once idle and go."""
+    return {"rescanned": True, **(await _services(request).reloader.rescan()).as_dict()}
 
 
 def _last(lines: list[str], n: int) -> list[str]:

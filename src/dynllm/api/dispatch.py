@@ -48,6 +48,7 @@ from dynllm.api.progress import LoadingProgress
 from dynllm.api.routes import Body, KServePath, ModelAt, Route
 from dynllm.backends import Upstream
 from dynllm.backends.base import rewrite_json_model
+from dynllm.catalog import REQUEST_FIELDS, parse_request
 from dynllm.config import ModelConfig
 from dynllm.errors import (
     DynllmError,
@@ -58,7 +59,7 @@ from dynllm.errors import (
 )
 from dynllm.events import ModelState
 from dynllm.proxy import Answer, BackendGone, Exchange, forward, send_json_payload
-from dynllm.registry import ApiFamily
+from dynllm.registry import ApiFamily, check_family
 from dynllm.requestlog import RequestRecord
 from dynllm.scheduler import Lease, Slot
 
@@ -130,12 +131,17 @@ class Incoming:
     content_type: str | None = JSON  # None: the client's own goes upstream
     data: dict[str, Any] | None = None  # the parsed JSON body (None past INLINE_JSON_BYTES)
     field: bodies.ModelField | None = None  # where a multipart "model" lies
+    drop: frozenset[str] = frozenset()  # dynllm's request settings, kept from the backend
+    keep: float | None = None  # the idle timeout the request asked for (ttl / keep_alive)
 
     def to_backend(self, upstream: Upstream) -> bytes | bodies.Spool | None:
-        """The body as the backend must receive it (its own model name, its defaults)."""
-        if self.data is not None and (upstream.served_name or upstream.defaults):
+        """The body as the backend must receive it (its own model name, its
+        defaults, without dynllm's request settings)."""
+        if self.data is not None and (upstream.served_name or upstream.defaults or self.drop):
             assert isinstance(self.body, bytes)
-            return rewrite_json_model(self.body, self.data, upstream.served_name, upstream.defaults)
+            return rewrite_json_model(
+                self.body, self.data, upstream.served_name, upstream.defaults, self.drop
+            )
         field, spool = self.field, self.body
         if upstream.served_name not in (None, self.label) and field and spool:
             assert isinstance(spool, bodies.Spool)
@@ -194,7 +200,8 @@ async def _large_json(services: Services, route: Route, pieces: list[bytes]) -> 
     pieces it came in, and goes to the backend in pieces."""
     worker = services.json_worker
     label = bodies.model_name(await worker.model_of(pieces))
-    upstream = _upstream(services, services.registry.for_family(label, route.family), route)
+    spec = check_family(await find_model(services, label), route.family, label)
+    upstream = _upstream(services, spec, route)
     if upstream.served_name or upstream.defaults:
         new = await worker.rewrite(pieces, upstream.served_name, upstream.defaults)
         if new is not None:
@@ -224,7 +231,7 @@ async def dispatch(
             message = f"Method {scope['method']} not allowed on {scope['path']}; use {route.allow}"
             raise MethodNotAllowed(message, allow=route.allow)
         incoming = await read_request(services, route, kserve, scope, receive)
-        spec = services.registry.for_family(incoming.label, route.family)
+        spec = await _model_for(services, incoming, route)
         upstream = _upstream(services, spec, route)
         path = upstream.path + (kserve.model_part if kserve is not None else "")
         body = incoming.to_backend(upstream)
@@ -246,7 +253,16 @@ async def dispatch(
             finally:
                 ex.queued_ms += (time.monotonic() - waited_from) * 1000
         answer = await lease_and_forward(
-            services, spec, slot, ex, scope, path, body, incoming.content_type, route.shape
+            services,
+            spec,
+            slot,
+            ex,
+            scope,
+            path,
+            body,
+            incoming.content_type,
+            route.shape,
+            incoming.keep,
         )
         if progress is not None:
             progress.stop()  # before anything else is sent: the answer writes next
@@ -278,6 +294,29 @@ async def dispatch(
         if incoming is not None:
             incoming.close()
         _record(services, route, spec, incoming, ex, arrived, client_left)
+
+
+async def find_model(services: Services, label: str) -> ModelConfig:
+    """The model a client named: a name or alias (one dict lookup), else a
+    path to a model file or folder inside a models folder (discovery)."""
+    spec = services.registry.find(label)
+    if spec is not None:
+        return spec
+    return await services.reloader.find(label)
+
+
+async def _model_for(services: Services, incoming: Incoming, route: Route) -> ModelConfig:
+    """The model that serves this request: the one it names, or the variant
+    its settings (backend, device, context...) ask for; its ``ttl`` /
+    ``keep_alive`` and those settings are noted and kept from the backend."""
+    spec = await find_model(services, incoming.label)
+    data = incoming.data
+    if data is not None and not REQUEST_FIELDS.isdisjoint(data):
+        asked = parse_request(data)
+        incoming.drop, incoming.keep = asked.present, asked.keep
+        if asked.settings:
+            spec = services.reloader.with_variant(spec, asked.settings)
+    return check_family(spec, route.family, incoming.label)
 
 
 def _wants_progress(services: Services, route: Route, incoming: Incoming) -> bool:
@@ -336,6 +375,7 @@ async def lease_and_forward(
     body: bytes | bodies.Spool | None,
     content_type: str | None,
     shape: Shape,
+    keep: float | None = None,
 ) -> Answer:
     """Take a lease and send the request.  A request that could not be sent
     because the backend had just died (a crash a moment before, maybe not yet
@@ -344,8 +384,13 @@ async def lease_and_forward(
     scheduler = services.scheduler
     if slot.state is ModelState.READY:
         lease = await scheduler.acquire(spec)  # returns at once: nothing to time
+        services.stats.count(spec.name, hit=True)
     else:
-        lease = await _timed(ex, slot, scheduler.acquire(spec))
+        try:
+            lease = await _timed(ex, slot, scheduler.acquire(spec))
+        finally:  # a request that had to wait for a load is a miss, served or not
+            services.stats.count(spec.name, hit=not ex.cold)
+    lease.keep = keep
     for tries_left in (1, 0):
         try:
             return await forward(
@@ -363,6 +408,7 @@ async def lease_and_forward(
             if not tries_left:
                 raise
             lease = await _timed(ex, slot, scheduler.replace(lease))
+            lease.keep = keep
     raise AssertionError("unreachable")
 
 

@@ -6,7 +6,9 @@ the ids they see listed), with ``"parent"`` naming the model it stands for,
 as vLLM lists a LoRA adapter with its base model; a model's own entry has
 ``"parent": null``.  ``list_aliases: false`` lists only the models.  A model
 with ``hidden: true`` (and its aliases) is left out of the list, but is
-served and answers ``/v1/models/{name}`` like any other.
+served and answers ``/v1/models/{name}`` like any other.  ``"source"`` says
+where a model comes from: ``config``, ``discovered`` (a file in a models
+folder) or ``variant`` (request settings; variants are never listed).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def _model_entry(services: Services, spec: ModelConfig, label: str | None = None
         "backend": spec.backend.value,
         "model_type": spec.model_type.value,
         "aliases": list(spec.aliases),
+        "source": services.catalog.source(spec.name).value,
     }
 
 

@@ -90,12 +90,16 @@ def rewrite_json_model(
     parsed: dict[str, Any],
     value: str | None,
     defaults: Mapping[str, Any] | None = None,
+    drop: frozenset[str] = frozenset(),
 ) -> bytes:
-    """``body`` with ``model`` set to ``value`` (None: kept) and ``defaults``
-    filled in where absent; the original bytes when nothing changes."""
+    """``body`` with ``model`` set to ``value`` (None: kept), ``defaults``
+    filled in where absent and the ``drop`` fields removed (dynllm's own
+    request settings); the original bytes when nothing changes."""
     changes = {k: v for k, v in (defaults or {}).items() if k not in parsed}
     if value is not None and parsed.get("model") != value:
         changes["model"] = value
-    if not changes:
+    dropped = drop.intersection(parsed)
+    if not changes and not dropped:
         return body
-    return json.dumps({**parsed, **changes}).encode()
+    kept = {k: v for k, v in parsed.items() if k not in dropped} if dropped else parsed
+    return json.dumps({**kept, **changes}).encode()

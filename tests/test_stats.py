@@ -1,0 +1,48 @@
+"""Cache statistics, pure: counting, the view, flushing and restoring."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dynllm.stats import CacheStats, hit_rate
+
+
+def test_hits_misses_and_rates_since_start_and_all_time() -> None:
+    previous = CacheStats()
+    for hit in (False, True, True):
+        previous.count("a", hit=hit)
+    written: dict[str, dict[str, Any]] = {}
+    previous.flush(lambda name, **fields: written.setdefault(name, {}).update(fields))
+    assert written == {"a": {"requests": 3, "hits": 2, "misses": 1}}
+
+    stats = CacheStats()
+    stats.restore({**written, "never": {"requests": 0, "hits": 0, "misses": 0}})
+    stats.count("a", hit=False)
+    for _ in range(3):
+        stats.count("b", hit=True)
+    view = stats.view(["a", "b", "c"], ["b"])
+    assert (view["total_models"], view["active_models"]) == (3, 1)
+    assert (view["total_requests"], view["cache_hits"], view["cache_misses"]) == (4, 3, 1)
+    assert view["hit_rate"] == 0.75
+    assert view["all_time"] == {
+        "total_requests": 7, "cache_hits": 5, "cache_misses": 2, "hit_rate": round(5 / 7, 4)
+    }  # fmt: skip
+    assert view["models"]["a"]["all_time"]["total_requests"] == 4
+    assert view["models"]["b"]["loaded"] is True
+    assert "never" not in view["models"]
+
+
+def test_flush_hands_over_only_what_changed() -> None:
+    stats = CacheStats()
+    stats.count("a", hit=True)
+    seen: list[str] = []
+    stats.flush(lambda name, **fields: seen.append(name))
+    stats.flush(lambda name, **fields: seen.append(name))
+    stats.count("b", hit=True)
+    stats.flush(lambda name, **fields: seen.append(name))
+    assert seen == ["a", "b"]
+
+
+def test_no_requests_is_a_rate_of_zero_not_an_error() -> None:
+    assert hit_rate(0, 0) == 0.0
+    assert CacheStats().view([], [])["hit_rate"] == 0.0
