@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dynllm.discovery import ModelMeta
+from dynllm.modelmeta import ModelMeta
 
 __all__ = ["DEFAULT_CONTEXT", "MIB", "Estimate", "estimate", "kv_cache_bytes"]
 
