@@ -508,6 +508,12 @@ def test_overlapping_folders_list_a_model_once(tmp_path: Path, tiny: Path) -> No
     put(tiny, tmp_path / "sub" / "m.gguf")
     result = scan([tmp_path, tmp_path / "sub"], ALL)
     assert names(result) == ["sub/m"]
+    # The same file linked into a second folder under the same name: one model, no clash.
+    other = tmp_path.parent / f"{tmp_path.name}-other"
+    other.mkdir()
+    (other / "m.gguf").symlink_to(tmp_path / "sub" / "m.gguf")
+    linked = scan([tmp_path / "sub", other], ALL)
+    assert names(linked) == ["m"] and linked.problems == ()
 
 
 def test_names_are_stable_across_scans_and_the_cache_rereads_changed_files(

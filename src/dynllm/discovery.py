@@ -530,14 +530,14 @@ def scan(
             walker.problems.append(f"{configured}: models folder missing (or not a folder)")
             continue
         for found in walker.walk(root):
+            if found.path in paths:
+                continue  # the same model reached again through a symlink: one name
             if found.name in by_name:
                 walker.problems.append(
                     f"{found.path}: not listed, the name '{found.name}' is taken by "
                     f"{by_name[found.name].path}"
                 )
                 continue
-            if found.path in paths:
-                continue  # the same model reached again through a symlink: one name
             by_name[found.name] = found
             paths[found.path] = found.name
     walker.cache.prune()
