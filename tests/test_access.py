@@ -42,6 +42,16 @@ EXPECTED: dict[str, RouteClass] = {
     "/admin/reload": RouteClass.ADMIN,
     "/admin/events": RouteClass.ADMIN,
     "/metrics": RouteClass.ADMIN,
+    "/admin/models/rescan": RouteClass.ADMIN,
+    # XandRouting's management routes
+    "/v1/models/inventory": RouteClass.ADMIN,
+    "/v1/models/loaded": RouteClass.ADMIN,
+    "/v1/models/stats": RouteClass.ADMIN,
+    "/v1/models/unload": RouteClass.ADMIN,
+    "/v1/models/unload-all": RouteClass.ADMIN,
+    "/v1/models/download": RouteClass.ADMIN,
+    "/v1/models/download/{job_id}": RouteClass.ADMIN,
+    "/v1/models/verify-repo": RouteClass.ADMIN,
     **{r.path: RouteClass.INFERENCE for r in ROUTES},
 }
 

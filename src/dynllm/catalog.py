@@ -193,7 +193,17 @@ def discovered_spec(config: Config, found: Found) -> tuple[ModelConfig | None, s
     if not enabled:
         wanted = ", ".join(b.value for b in _backends_of(found.kind))
         return None, f"no enabled backend serves it (add {wanted} to enabled_backends)"
-    backend = enabled[0]
+    problem = ""
+    for backend in enabled:  # the first that serves its model type
+        spec, problem = _spec_on(config, found, backend)
+        if spec is not None:
+            return spec, ""
+    return None, problem
+
+
+def _spec_on(
+    config: Config, found: Found, backend: BackendName
+) -> tuple[ModelConfig | None, str]:
     d = config.discovered_defaults
     data: dict[str, Any] = {
         "name": found.name,

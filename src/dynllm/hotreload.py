@@ -34,7 +34,7 @@ from dynllm.api.access import Access
 from dynllm.api.cors import Cors
 from dynllm.backends import upstream_table
 from dynllm.config import Config, ConfigError, ModelConfig, load_config
-from dynllm.discovery import Scan, scan, scan_one
+from dynllm.discovery import HeaderCache, Scan, scan, scan_one
 from dynllm.errors import BadRequest, InvalidConfig, ModelNotFound
 from dynllm.events import ModelState
 from dynllm.registry import Registry
@@ -62,12 +62,12 @@ class RescanResult:
         }
 
 
-async def scan_folders(config: Config) -> Scan:
+async def scan_folders(config: Config, cache: HeaderCache | None = None) -> Scan:
     """Scan the model folders of ``config`` in a thread (file reads)."""
     dirs = cat.model_dirs(config)
     if not dirs:
         return cat.empty_scan()
-    return await asyncio.to_thread(scan, dirs, list(config.enabled_backends))
+    return await asyncio.to_thread(scan, dirs, list(config.enabled_backends), cache)
 
 
 class Reloader:
@@ -84,6 +84,8 @@ class Reloader:
         self.path = path
         self.adjust = adjust
         self._scan_lock = asyncio.Lock()
+        self._headers = HeaderCache()
+        """GGUF headers of unchanged files, kept from one rescan to the next."""
 
     @property
     def services(self) -> Services:
@@ -125,7 +127,7 @@ class Reloader:
         """Scan the model folders again and serve what changed: new files
         appear, removed ones unload once idle and go."""
         async with self._scan_lock:  # one scan at a time; later callers get a fresh one
-            found = await scan_folders(self.services.catalog.yaml)
+            found = await scan_folders(self.services.catalog.yaml, self._headers)
             current = self.services.catalog  # the newest, after the await
             if cat.model_dirs(current.yaml) != current.dirs:
                 return RescanResult(plan_reload(current.config, current.config), 0, ())
