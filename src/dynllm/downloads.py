@@ -163,9 +163,16 @@ class FileState:
     status: FileStatus = FileStatus.PENDING
     partial: str | None = None
     """The partial file of the transfer in progress (the child names it)."""
+    seen: int = 0
+    """Its size when last looked at."""
 
     def view(self, done: int) -> dict[str, Any]:
-        return {"name": self.name, "size": self.size, "bytes_done": done, "status": self.status}
+        return {
+            "name": self.name,
+            "size": self.size,
+            "bytes_done": done,
+            "status": self.status.value,
+        }
 
 
 @dataclass
@@ -199,10 +206,20 @@ class Job:
     def file_bytes(self, f: FileState) -> int:
         if f.status in (FileStatus.DONE, FileStatus.PRESENT):
             return f.size or 0
-        if f.status is FileStatus.DOWNLOADING and f.partial:
+        if f.partial is None:
+            return 0
+        # While it downloads, between the child's move of the partial file into
+        # place and its "done" event neither path is the partial one: the bytes
+        # are not gone (the progress must not step back).  A job waiting to
+        # resume shows what its partial file holds.
+        paths = [f.partial]
+        if f.status is FileStatus.DOWNLOADING:
+            paths.append(str(self.destination / f.name))
+        for path in paths:
             with contextlib.suppress(OSError):
-                return os.stat(f.partial).st_size
-        return 0
+                f.seen = os.stat(path).st_size
+                return f.seen
+        return f.seen if f.status is FileStatus.DOWNLOADING else 0
 
     def view(self) -> dict[str, Any]:
         """The job as the API shows it: XandRouting's four fields first."""
@@ -444,6 +461,11 @@ class DownloadManager:
     def jobs(self) -> list[Job]:
         return list(self._jobs.values())
 
+    def transfer_pid(self, job_id: str) -> int | None:
+        """The pid of the job's transfer process while it runs (tests, logs)."""
+        run = self._runs.get(job_id)
+        return None if run is None or run.proc is None else run.proc.pid
+
     def job(self, job_id: str) -> Job:
         try:
             return self._jobs[job_id]
@@ -651,6 +673,12 @@ class DownloadManager:
             self._pump()
 
     async def _transfer(self, job: Job, run: _Run) -> None:
+        for f in job.files:  # a restart's leftovers, or a finished file deleted since
+            done = f.status in (FileStatus.DONE, FileStatus.PRESENT)
+            if f.status is FileStatus.DOWNLOADING or (
+                done and not _complete(job.destination / f.name, f.size)
+            ):
+                f.status = FileStatus.PENDING
         spec = {
             "repo_id": job.repo_id,
             "commit": job.commit,
@@ -728,9 +756,11 @@ class DownloadManager:
             except Exception:  # the download stands; discovery's next scan finds it
                 log.exception("download %s: the rescan after it failed", job.job_id)
         else:
+            missing = [f.name for f in job.files if f.status is FileStatus.PENDING]
             code, message = run.failure or (
                 "download_failed",
-                f"The download process exited with status {returncode}",
+                f"The download process exited with status {returncode}"
+                + (f" before {', '.join(missing)} arrived" if missing else ""),
             )
             if run.failure is None and run.stderr:
                 log.warning("download %s: %s", job.job_id, " | ".join(run.stderr))

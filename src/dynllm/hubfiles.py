@@ -36,14 +36,15 @@ from dynllm.errors import BadRequest, ModelNotFound
 HUB_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
-# A quantization tag, delimited by anything but a letter or digit ("-", "_",
-# ".", "/" or the ends): Q4_K_M, Q8_0, Q4_0_4_4, IQ2_XXS, IQ4_NL, Q6_K,
-# Q2_K_XL, TQ1_0, MXFP4_MOE, F16, BF16, F32, optionally unsloth's "UD-".
+# A quantization tag, after anything but a letter or digit ("-", "_", ".",
+# "/" or the start) and before "-", ".", "/" or the end ("Q4_K_Mx" is none):
+# Q4_K_M, Q8_0, Q4_0_4_4, IQ2_XXS, IQ4_NL, Q6_K, Q2_K_XL, TQ1_0, MXFP4_MOE,
+# F16, BF16, F32, optionally unsloth's "UD-".
 _QUANT = re.compile(
     r"(?<![A-Za-z0-9])("
     r"(?:UD-)?(?:I?Q[0-9]_(?:K(?:_(?:XXS|XS|S|M|L|XL))?|[0-9](?:_[0-9]_[0-9])?|XXS|XS|S|M|L|NL)"
     r"|TQ[12]_0|MXFP4(?:_MOE)?|BF16|FP16|FP32|F16|F32)"
-    r")(?![A-Za-z0-9])",
+    r")(?![A-Za-z0-9_])",
     re.IGNORECASE,
 )
 _SHARD = re.compile(r"-(\d{5})-of-(\d{5})$")

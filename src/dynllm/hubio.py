@@ -107,9 +107,25 @@ def hub_error(exc: BaseException, repo_id: str, endpoint: str, revision: str | N
     return HubUnavailable(f"The Hub at {endpoint} gave an answer dynllm cannot read for {repo_id}")
 
 
+def _quiet_library() -> None:
+    """huggingface_hub, imported in dynllm's process, with its telemetry off.
+
+    With telemetry on, every request's headers (``build_hf_headers``) first
+    look up "AI agent harnesses" at ``constants.ENDPOINT`` -- huggingface.co
+    unless HF_ENDPOINT was in the environment at import -- whatever endpoint
+    the call itself was given: a request to the internet that hf_endpoint
+    must not cause.  The transfer child gets HF_HUB_DISABLE_TELEMETRY=1 in
+    its environment instead.
+    """
+    import huggingface_hub.constants as hf_constants
+
+    hf_constants.HF_HUB_DISABLE_TELEMETRY = True
+
+
 def fetch_listing(endpoint: str, token: str | None, repo_id: str, revision: str | None) -> Listing:
     """The repo's commit and files with their sizes (one ``GET /api/models``).
     Blocks: call it in a worker thread.  Raises what ``hub_error`` translates."""
+    _quiet_library()
     from huggingface_hub import HfApi
 
     info = HfApi(endpoint=endpoint, token=token).model_info(
@@ -125,6 +141,7 @@ def fetch_listing(endpoint: str, token: str | None, repo_id: str, revision: str 
 def check_access(endpoint: str, token: str | None, repo_id: str, revision: str, name: str) -> None:
     """The HEAD a transfer starts with, for one file: a gated repo whose
     terms the token has not accepted fails here (GatedRepoError)."""
+    _quiet_library()
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     url = hf_hub_url(repo_id, name, revision=revision, endpoint=endpoint)
@@ -169,10 +186,11 @@ def _fetch(spec: dict[str, Any], name: str, token: str | None) -> None:
     if meta.etag is None or meta.commit_hash is None:
         raise HubUnavailable(f"The Hub at {endpoint} did not give the file's ETag and commit")
     paths = get_local_download_paths(destination, name)
+    # (read_download_metadata takes the file's lock itself; it is not reentrant)
+    local = read_download_metadata(destination, name)
+    if paths.file_path.is_file() and local is not None and local.etag == meta.etag:
+        return
     with WeakFileLock(paths.lock_path):
-        local = read_download_metadata(destination, name)
-        if paths.file_path.is_file() and local is not None and local.etag == meta.etag:
-            return
         partial = paths.incomplete_path(meta.etag)
         if meta.size is not None and partial.exists() and partial.stat().st_size > meta.size:
             partial.unlink()  # longer than the file: not a prefix of it
