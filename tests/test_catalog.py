@@ -201,7 +201,7 @@ def test_bad_keep_alive_and_ttl_are_400s_naming_the_field(value: Any) -> None:
 
 @pytest.mark.parametrize(
     ("body", "field"),
-    [({"backend": "ollama"}, "backend"), ({"backend": "command"}, "backend"),
+    [({"backend": "ollama"}, "backend"), ({"backend": 1}, "backend"),
      ({"device": "tpu"}, "device"), ({"device": 3}, "device"),
      ({"n_gpu_layers": -2}, "n_gpu_layers"), ({"n_ctx": 1.5}, "n_ctx"), ({"n_ctx": True}, "n_ctx"),
      ({"max_model_len": 0}, "max_model_len"),

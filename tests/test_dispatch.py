@@ -436,3 +436,33 @@ async def test_json_bodies_over_max_body_mb_get_413(make_config: ConfigFactory) 
         )
         assert streamed.status_code == 413
         assert await app.spawned_pids() == []
+
+
+async def test_request_settings_and_ttl_are_read_then_kept_from_the_backend(
+    make_config: ConfigFactory,
+) -> None:
+    """Small bodies (parsed on the loop) and large ones (in the helper
+    process) alike: ``ttl`` / ``keep_alive`` set the idle timer, settings
+    the backend does not read make no variant, and none of them reaches it."""
+    config = config_for(make_config, [fake_model("m")], idle_timeout_seconds=300)
+    ours = {
+        "ttl": 42,
+        "n_ctx": 512,
+        "backend": "command",
+        "device": "cpu",
+        "gpu_memory_utilization": 0.5,
+    }
+    async with serve(config) as app:
+        for padding, keep in ((0, 42.0), (2 << 20, 7.0)):  # the second is past INLINE_JSON_BYTES
+            extra = {"keep_alive": "7s"} if padding else {}
+            body = {"model": "m", "messages": [{"role": "user", "content": "x" * padding}],
+                    **ours, **extra}  # fmt: skip
+            answer = await app.client.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            seen = (await backend_stats(app, "m"))["seen"][-1]
+            assert seen["keys"] == ["messages", "model"], seen
+            models = await app.admin_models()
+            assert models["m"]["unload_after_seconds"] == keep
+            assert set(models) == {"m"}  # nothing the command backend reads: no variant
+        assert (await app.chat("m")).status_code == 200  # no ttl: back to the config's
+        assert (await app.admin_models())["m"]["unload_after_seconds"] == 300

@@ -34,23 +34,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dynllm.api.bodies import REQUEST_FIELDS
 from dynllm.backends import type_problem
 from dynllm.config import _BACKEND_ONLY_KEYS, BackendName, Config, ModelConfig
 from dynllm.discovery import Found, Kind, Scan
 from dynllm.errors import BadRequest
 from dynllm.estimate import Estimate, estimate
-
-REQUEST_SETTINGS = (
-    "backend",
-    "device",
-    "n_gpu_layers",
-    "n_ctx",
-    "gpu_memory_utilization",
-    "max_model_len",
-)
-LIFETIME_FIELDS = ("ttl", "keep_alive")
-REQUEST_FIELDS = frozenset(REQUEST_SETTINGS + LIFETIME_FIELDS)
-"""Body fields dynllm reads and removes before the body goes to the backend."""
 
 VLLM_DEFAULT_GPU_SHARE = 0.9  # vLLM's own default for --gpu-memory-utilization
 MAX_VARIANTS = 32
@@ -201,9 +190,7 @@ def discovered_spec(config: Config, found: Found) -> tuple[ModelConfig | None, s
     return None, problem
 
 
-def _spec_on(
-    config: Config, found: Found, backend: BackendName
-) -> tuple[ModelConfig | None, str]:
+def _spec_on(config: Config, found: Found, backend: BackendName) -> tuple[ModelConfig | None, str]:
     d = config.discovered_defaults
     data: dict[str, Any] = {
         "name": found.name,
@@ -364,8 +351,8 @@ def parse_request(data: Mapping[str, Any]) -> RequestSettings:
             settings["backend"] = BackendName(value) if isinstance(value, str) else None
         except ValueError:
             settings["backend"] = None
-        if settings["backend"] is None or settings["backend"] is BackendName.COMMAND:
-            names = ", ".join(b.value for b in BackendName if b is not BackendName.COMMAND)
+        if settings["backend"] is None:
+            names = ", ".join(b.value for b in BackendName)
             raise BadRequest(f"backend: one of {names}, not {_quoted(value)}")
     if "device" in present:
         value = data["device"]

@@ -20,7 +20,7 @@ with ``"stream": true`` as SSE, else a plain JSON body sent piece by piece),
 ``GET /fake/stats`` reports what this process saw: requests, how many ended
 because the client closed the connection (``gone``), completed ones, the
 ones in progress (``active``) and, per request, path, size and sha256 of the
-body received (multipart: of the whole body and of the file part) and of the
+body received (JSON: also its top-level keys) (multipart: of the whole body and of the file part) and of the
 body sent.  It exits by itself within ~0.25 s of its parent dying.
 """
 
@@ -177,6 +177,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(400, b'{"detail":"body is not JSON"}', "application/json")
             return
         record["model"] = data.get("model")
+        record["keys"] = sorted(data) if isinstance(data, dict) else []
         self._wait(float(data.get("fake_delay", 0)))
         if data.get("fake_drop"):
             self.connection.shutdown(socket.SHUT_RDWR)

@@ -35,6 +35,18 @@ from dynllm.errors import (
 SPOOL_MEMORY_BYTES = 1 << 20
 READ_CHUNK_BYTES = 256 << 10
 MAX_MODEL_FIELD_BYTES = 4096
+REQUEST_SETTINGS = (
+    "backend",
+    "device",
+    "n_gpu_layers",
+    "n_ctx",
+    "gpu_memory_utilization",
+    "max_model_len",
+)
+"""Body fields that choose how the model runs (``catalog``: variants)."""
+LIFETIME_FIELDS = ("ttl", "keep_alive")
+REQUEST_FIELDS = frozenset(REQUEST_SETTINGS + LIFETIME_FIELDS)
+"""Body fields dynllm reads and removes before the body goes to the backend."""
 INLINE_JSON_BYTES = 1 << 20
 """JSON bodies up to this are parsed on the event loop: at most ~20 ms even
 for the slowest kind (a 1 MiB array of ``{}``; 2 ms for a chat body)."""

@@ -44,11 +44,12 @@ from starlette.types import Receive, Scope, Send
 from dynllm.admission import Gate
 from dynllm.api import bodies
 from dynllm.api.access import is_json
+from dynllm.api.bodies import REQUEST_FIELDS
 from dynllm.api.progress import LoadingProgress
 from dynllm.api.routes import Body, KServePath, ModelAt, Route
 from dynllm.backends import Upstream
 from dynllm.backends.base import rewrite_json_model
-from dynllm.catalog import REQUEST_FIELDS, parse_request
+from dynllm.catalog import parse_request
 from dynllm.config import ModelConfig
 from dynllm.errors import (
     DynllmError,
@@ -199,14 +200,17 @@ async def _large_json(services: Services, route: Route, pieces: list[bytes]) -> 
     errors as the inline path, in the same order).  The body stays in the
     pieces it came in, and goes to the backend in pieces."""
     worker = services.json_worker
-    label = bodies.model_name(await worker.model_of(pieces))
-    spec = check_family(await find_model(services, label), route.family, label)
-    upstream = _upstream(services, spec, route)
-    if upstream.served_name or upstream.defaults:
-        new = await worker.rewrite(pieces, upstream.served_name, upstream.defaults)
+    model, settings = await worker.model_and_settings(pieces)
+    label = bodies.model_name(model)
+    incoming = Incoming(label, None)
+    spec = await _with_settings(services, incoming, await find_model(services, label), settings)
+    upstream = _upstream(services, check_family(spec, route.family, label), route)
+    if upstream.served_name or upstream.defaults or incoming.drop:
+        new = await worker.rewrite(pieces, upstream.served_name, upstream.defaults, incoming.drop)
         if new is not None:
             pieces = [new]
-    return Incoming(label, bodies.Spool.of_pieces(pieces))
+    incoming.body = bodies.Spool.of_pieces(pieces)
+    return incoming
 
 
 async def dispatch(
@@ -312,11 +316,22 @@ async def _model_for(services: Services, incoming: Incoming, route: Route) -> Mo
     spec = await find_model(services, incoming.label)
     data = incoming.data
     if data is not None and not REQUEST_FIELDS.isdisjoint(data):
-        asked = parse_request(data)
-        incoming.drop, incoming.keep = asked.present, asked.keep
-        if asked.settings:
-            spec = services.reloader.with_variant(spec, asked.settings)
+        spec = await _with_settings(services, incoming, spec, data)
     return check_family(spec, route.family, incoming.label)
+
+
+async def _with_settings(
+    services: Services, incoming: Incoming, spec: ModelConfig, data: dict[str, Any]
+) -> ModelConfig:
+    """The model (or variant) the request's settings ask for; its ``ttl`` /
+    ``keep_alive`` and the fields to keep from the backend noted on ``incoming``."""
+    if not data:
+        return spec
+    asked = parse_request(data)
+    incoming.drop, incoming.keep = asked.present, asked.keep
+    if asked.settings:
+        return services.reloader.with_variant(spec, asked.settings)
+    return spec
 
 
 def _wants_progress(services: Services, route: Route, incoming: Incoming) -> bool:

@@ -84,16 +84,27 @@ class JsonWorker:
         """The top-level ``model`` value of the body (given as its pieces) if
         it is a string, else None; raises InvalidJSON exactly where
         ``bodies.parse_json_object`` would."""
+        return (await self.model_and_settings(body))[0]
+
+    async def model_and_settings(self, body: Sequence[bytes]) -> tuple[str | None, dict[str, Any]]:
+        """``model_of``, and the request settings the body carries
+        (``bodies.REQUEST_FIELDS``: backend, n_ctx, ttl, ...) as they are."""
         _, payload = await self._call(PARSE, b"", body)
-        model = json.loads(payload)["model"]
-        return model if isinstance(model, str) else None
+        answer = json.loads(payload)
+        model = answer["model"]
+        return (model if isinstance(model, str) else None), answer["settings"]
 
     async def rewrite(
-        self, body: Sequence[bytes], value: str | None, defaults: Mapping[str, Any] | None
+        self,
+        body: Sequence[bytes],
+        value: str | None,
+        defaults: Mapping[str, Any] | None,
+        drop: frozenset[str] = frozenset(),
     ) -> bytes | None:
         """``backends.base.rewrite_json_model`` applied to the body (given as
         its pieces) in the helper: the new body, or None if nothing changes."""
-        args = json.dumps({"model": value, "defaults": dict(defaults or {})}).encode()
+        wanted = {"model": value, "defaults": dict(defaults or {}), "drop": sorted(drop)}
+        args = json.dumps(wanted).encode()
         status, payload = await self._call(REWRITE, args, body)
         return None if status == UNCHANGED else payload
 
@@ -206,19 +217,22 @@ def _start() -> subprocess.Popen[bytes]:
 
 
 def _answer(op: int, args: bytes, body: bytes) -> tuple[int, bytes]:
-    from dynllm.api.bodies import parse_json_object
+    from dynllm.api.bodies import REQUEST_FIELDS, parse_json_object
 
     try:
         data = parse_json_object(body)
         if op == PARSE:
             model = data.get("model")
-            return OK, json.dumps({"model": model if isinstance(model, str) else None}).encode()
+            settings = {k: data[k] for k in REQUEST_FIELDS.intersection(data)}
+            answer = {"model": model if isinstance(model, str) else None, "settings": settings}
+            return OK, json.dumps(answer).encode()
         # Imported on first use: it pulls in the config models (0.4 s), which
         # a helper that only parses never needs.
         from dynllm.backends.base import rewrite_json_model
 
         wanted = json.loads(args)
-        new = rewrite_json_model(body, data, wanted["model"], wanted["defaults"])
+        drop = frozenset(wanted["drop"])
+        new = rewrite_json_model(body, data, wanted["model"], wanted["defaults"], drop)
         return (UNCHANGED, b"") if new is body else (OK, new)
     except InvalidJSON as exc:
         return INVALID, exc.message.encode()

@@ -17,7 +17,7 @@ from fastapi import APIRouter, FastAPI, Request
 
 from dynllm import catalog as cat
 from dynllm.api.admin import unload_all
-from dynllm.api.bodies import parse_json_object
+from dynllm.api.bodies import REQUEST_SETTINGS, parse_json_object
 from dynllm.api.dispatch import find_model
 from dynllm.config import ModelConfig
 from dynllm.errors import BadRequest
@@ -127,7 +127,7 @@ async def models_unload(request: Request) -> dict[str, Any]:
         raise BadRequest('The body needs "model": the name or path of the model to unload')
     if not isinstance(force, bool):
         raise BadRequest('"force" must be true or false')
-    unknown = set(data) - {"model", "force", *cat.REQUEST_SETTINGS}
+    unknown = set(data) - {"model", "force", *REQUEST_SETTINGS}
     if unknown:
         raise BadRequest(f"Unknown field(s): {', '.join(sorted(unknown))}")
     spec = await find_model(services, label)
