@@ -140,6 +140,8 @@ class ConfigFactory:
             # The shared models folder holds fixtures of other tests; a test
             # of discovery turns it on with a folder of its own.
             "discovery": False,
+            # Never the real Hub: a loopback port nothing listens on (refused at once).
+            "hf_endpoint": f"http://127.0.0.1:{free_port()}",
             "models": [
                 {"path": "fake.gguf", "backend": "llamacpp", "vram_mb": 1000, **m} for m in models
             ],

@@ -60,6 +60,7 @@ under a minute on two cores, and every route still sees odd inputs."""
 MODELS = {kind.value: kind for kind in ModelType} | {"broken": ModelType.LLM}
 FIVE_XX: list[type[errors.DynllmError]] = [errors.BackendError, errors.Unavailable]
 FIVE_XX += [sub for base in FIVE_XX for sub in base.__subclasses__()] + [errors.LoadTimeout]
+FIVE_XX += [errors.HubUnavailable, errors.InsufficientStorage]  # the download routes
 DYNLLM_5XX_CODES = {cls.code for cls in FIVE_XX}
 """The codes of dynllm's deliberate 502/503/504 answers (errors.py)."""
 
