@@ -36,6 +36,7 @@ def _model_view(services: Any, spec: ModelConfig) -> dict[str, Any]:
         "aliases": list(spec.aliases),
         "backend": spec.backend.value,
         "model_type": spec.model_type.value,
+        "source": services.catalog.source(spec.name).value,
         **scheduler.snapshot(slot),
         # Waiting for its load, for VRAM, or for a max_concurrent_requests slot.
         "queued": scheduler.waiting(slot) + services.admission.waiting(spec.name),
