@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from dynllm.stats import CacheStats, hit_rate
+from tests.conftest import ConfigFactory, serve
+from tests.test_dispatch import fake_model
 
 
 def test_hits_misses_and_rates_since_start_and_all_time() -> None:
@@ -46,3 +48,24 @@ def test_flush_hands_over_only_what_changed() -> None:
 def test_no_requests_is_a_rate_of_zero_not_an_error() -> None:
     assert hit_rate(0, 0) == 0.0
     assert CacheStats().view([], [])["hit_rate"] == 0.0
+
+
+async def test_totals_survive_a_restart_and_since_start_begins_again(
+    make_config: ConfigFactory,
+) -> None:
+    config = make_config([fake_model("m")], enabled_backends=["llamacpp", "command"])
+    async with serve(config) as app:
+        for _ in range(3):
+            assert (await app.chat("m")).status_code == 200
+        unknown = await app.chat("nope")
+        assert unknown.status_code == 404  # refused before the scheduler: neither
+        first = (await app.client.get("/v1/models/stats")).json()
+        assert (first["cache_misses"], first["cache_hits"]) == (1, 2)
+    async with serve(config) as app:  # the same state file
+        assert (await app.chat("m")).status_code == 200
+        again = (await app.client.get("/v1/models/stats")).json()
+    print("after a restart:", again["all_time"], "since start:", again["total_requests"])
+    assert (again["total_requests"], again["cache_misses"]) == (1, 1)
+    assert again["all_time"] == {
+        "total_requests": 4, "cache_hits": 2, "cache_misses": 2, "hit_rate": 0.5
+    }  # fmt: skip
