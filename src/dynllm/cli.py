@@ -4,6 +4,7 @@
     dynllm serve ...                                          the same
     dynllm check-config [PATH]  /  dynllm --check-config PATH
     dynllm status | models | load M | unload M | logs M [-f] | reload
+    dynllm pull REPO[:QUANT] [-d DEST]                        download through the service
     dynllm demo ...                                           dynllm.demo.main
 
 Exit status: 0 done; 1 the service answered an error or could not be
@@ -154,6 +155,24 @@ def build_parser(env: EnvSettings) -> UsageParser:
     logs.add_argument("-n", "--lines", type=_count, default=200, metavar="N",
                       help="recent lines to show first (default 200)")  # fmt: skip
     command("reload", "re-read the config file in the running service")
+    pull = command(
+        "pull",
+        "download a model from Hugging Face through the service, with a progress bar "
+        "(Ctrl-C cancels it)",
+    )
+    pull.add_argument("repo", metavar="REPO[:QUANT]",
+                      help="ORG/NAME or https://huggingface.co/ORG/NAME, optionally :QUANT "
+                           "(a GGUF quantization such as Q4_K_M)")  # fmt: skip
+    pull.add_argument("--destination", "-d", help="folder under models_dir (default: the repo's "
+                      "name, lower-cased)")  # fmt: skip
+    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
+    pull.add_argument("--include", action="append", metavar="GLOB", help="files to take (repeat)")
+    pull.add_argument("--exclude", action="append", metavar="GLOB", help="files to skip (repeat)")
+    pull.add_argument("--server", dest="url", default=argparse.SUPPRESS,
+                      help="the same as --url: the dynllm service")  # fmt: skip
+    pull.add_argument("--api-key", help="the admin key to send (default: as for status)")
+    pull.add_argument("--detach", action="store_true",
+                      help="print the job id and return; the download goes on")  # fmt: skip
 
     # Every word after `demo` is dynllm.demo's, options and --help included: with
     # no prefix character that can occur in an argument, argparse sees no option.
@@ -352,6 +371,15 @@ def run_client(args: argparse.Namespace, env: EnvSettings) -> int:
     return manage.run(args, client_target(args, env))
 
 
+def run_pull(args: argparse.Namespace, env: EnvSettings) -> int:
+    from dynllm import pull
+
+    target = client_target(args, env)
+    if args.api_key:
+        target = Target(target.url, args.api_key, target.source)
+    return pull.run(args, target)
+
+
 # ---- demo ------------------------------------------------------------------------------
 
 
@@ -385,6 +413,8 @@ def _run(argv: list[str]) -> int:
         return check_config(args.path or _config_path(args, env))
     if args.command == "demo":
         return run_demo(args.args)
+    if args.command == "pull":
+        return run_pull(args, env)
     if args.command in CLIENT_COMMANDS:
         return run_client(args, env)
     return serve(args, env)

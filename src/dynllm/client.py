@@ -1,4 +1,5 @@
-"""The HTTP client behind ``dynllm status``, ``load``, ``unload``, ``logs`` and ``reload``.
+"""The HTTP client behind ``dynllm status``, ``load``, ``unload``, ``logs``,
+``reload`` and ``pull``.
 
 It speaks to a running dynllm's admin routes and turns every way that can
 fail into one of three exceptions, each with a message for a person:
@@ -170,6 +171,17 @@ class AdminClient:
                 ) from None
             raise
 
+    # ---- downloads (XandRouting's routes) -------------------------------------------
+    def download(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start a download job (the service asks the Hub first: PATIENT)."""
+        return self._json("POST", "/v1/models/download", json=body, timeout=PATIENT)
+
+    def download_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", _download_path(job_id))
+
+    def cancel_download(self, job_id: str) -> dict[str, Any]:
+        return self._json("DELETE", _download_path(job_id), timeout=PATIENT)
+
     def follow_logs(self, model: str, lines: int = 200) -> Iterator[dict[str, Any]]:
         """The model's last ``lines`` lines, then each new one as it comes
         (``{"model", "line"}``); returns when the service ends the stream."""
@@ -270,6 +282,10 @@ class _Translate:
         if isinstance(exc, httpx.TimeoutException):
             raise Unreachable(f"the service at {url} stopped answering ({self.path})") from None
         raise Unreachable(f"the connection to the service at {url} failed: {exc}") from None
+
+
+def _download_path(job_id: str) -> str:
+    return f"/v1/models/download/{quote(job_id, safe='')}"
 
 
 def _logs_path(model: str) -> str:

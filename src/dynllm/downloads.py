@@ -89,10 +89,12 @@ STOP_GRACE = 0.5
 """Seconds between SIGTERM and SIGKILL of a transfer being stopped."""
 KEEP_FINISHED = 200
 """Finished jobs kept in the list (and the store); older ones are forgotten."""
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 256 << 10
 """The child's read size.  huggingface_hub reads 10 MiB at a time
 (``constants.DOWNLOAD_CHUNK_SIZE``): nothing reaches the partial file, and so
-neither the progress nor a resume sees it, until 10 MiB have arrived."""
+neither the progress nor a resume sees it, until 10 MiB have arrived (at
+2 MB/s, a progress step every 5 s).  256 KiB: a step every 0.13 s at 2 MB/s,
+and at 100 MB/s 400 reads a second, which cost the child little."""
 STDERR_LINES = 50
 _PR_SET_PDEATHSIG = 1
 
@@ -332,7 +334,13 @@ def disk_free(path: Path) -> int:
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB"
+    """A size for people: 2.7 MB, 4.7 GB, 1.1 PB (decimal units, like disk makers)."""
+    value = float(n)
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if value < 1000:
+            return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} PB"
 
 
 # ---- the manager --------------------------------------------------------------------
