@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from dynllm.client import AdminClient, ClientError, Target
@@ -81,10 +82,11 @@ def _duration(seconds: float) -> str:
 class Bar:
     """The progress display on ``out``."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out
+        self.clock = clock
         self.tty = out.isatty()
-        self.last_line = 0.0
+        self.last_line: float | None = None
         self.width = 0
 
     def show(self, job: dict[str, Any]) -> None:
@@ -92,9 +94,9 @@ class Bar:
         if self.tty:
             self.out.write("\r" + line.ljust(self.width))
             self.width = len(line)
-        elif time.monotonic() - self.last_line >= LINE_EVERY:
+        elif self.last_line is None or self.clock() - self.last_line >= LINE_EVERY:
             self.out.write(line + "\n")
-            self.last_line = time.monotonic()
+            self.last_line = self.clock()
         self.out.flush()
 
     def end(self) -> None:
@@ -134,7 +136,7 @@ def follow(client: AdminClient, job: dict[str, Any], as_json: bool) -> int:
         bar.end()
         print(f"dynllm: {exc.message} (the download {job_id} may go on)", file=sys.stderr)
         return exc.exit_code
-    bar.last_line = 0.0  # the final figures, whatever the interval
+    bar.last_line = None  # the final figures, whatever the interval
     bar.show(job)
     bar.end()
     status = job.get("status")
