@@ -12,6 +12,7 @@ back to ``HF_ENDPOINT``, then huggingface.co, wherever it is not told).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -315,12 +316,18 @@ def test_progress_then_cancel_over_http(dynllm: Dynllm, hub: FakeHub) -> None:
          "outside models_dir"),
         ({"repo_id": GGUF_REPO, "quantisation": "Q4_K_M"}, 400, "invalid_request", "quantisation"),
         ({"url": "https://example.com/a/b"}, 400, "invalid_request", "not a Hugging Face repo"),
+        ({"repo_id": GGUF_REPO, "destination": "d" * 300}, 400, "invalid_request",
+         "longer than 255 bytes"),
+        ({"repo_id": GGUF_REPO, "revision": "\ud800"}, 400, "invalid_request", "lone surrogate"),
     ],
 )  # fmt: skip
 def test_refusals_are_clear_errors(
     dynllm: Dynllm, hub: FakeHub, body: dict[str, Any], status: int, code: str, words: str
 ) -> None:
-    response = dynllm.http.post("/v1/models/download", json=body)
+    # json.dumps escapes a lone surrogate as JSON allows (httpx's json= cannot send one)
+    raw = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    response = dynllm.http.post("/v1/models/download", content=raw, headers=headers)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["code"] == code and words in error["message"]

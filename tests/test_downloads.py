@@ -565,3 +565,53 @@ def test_job_ids_look_like_xandroutings_and_never_repeat() -> None:
     prefix, millis, suffix = sample.split("_")
     assert prefix == "download" and abs(int(millis) - time.time() * 1000) < 60_000
     assert len(suffix) == 6
+
+
+# ---- a Hub that goes away mid-transfer; the stand-in itself ------------------------------
+
+
+async def test_a_hub_that_goes_away_mid_transfer_fails_the_job_clearly(
+    tmp_path: Path, repos: list[HubRepo]
+) -> None:
+    hub = FakeHub(repos, throttle=300_000).start()
+    try:
+        async with manager_for(config_for(tmp_path, hub)) as (manager, finished):
+            job = await manager.submit(DownloadRequest(repo_id=GGUF_REPO, quantization="Q8_0"))
+            await apoll(lambda: job.view()["bytes_done"] > 0, timeout=30)
+            hub.close()  # the connection drops; huggingface_hub retries, then gives up
+            await until_done(job, timeout=90)
+    finally:
+        if not hub.closing.is_set():  # the test failed before it closed the hub
+            hub.close()
+    assert job.status is JobStatus.FAILED
+    assert job.error_code == "hub_unavailable"
+    assert job.error == f"tiny-Q8_0.gguf: Cannot reach the Hub at {hub.url}"
+    assert finished.calls == []
+    # The partial file stays: submitting the same download again resumes it.
+    assert len(list(job.destination.rglob("*.incomplete"))) == 1
+    print(f"\nfailed: {job.error_code}: {job.error} ({job.view()['bytes_done']} bytes kept)")
+
+
+def test_the_stand_in_speaks_huggingface_hubs_own_download_path(
+    tmp_path: Path, hub: FakeHub, repos: list[HubRepo]
+) -> None:
+    """The stand-in's fidelity: the library's own hf_hub_download, snapshot and
+    tree listing work against it as against the Hub."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    repo = repo_of(repos, GGUF_REPO)
+    path = hf_hub_download(
+        GGUF_REPO, "Q5_K_M/tiny-Q5_K_M-00001-of-00002.gguf", endpoint=hub.url,
+        local_dir=tmp_path / "lib",
+    )  # fmt: skip
+    assert Path(path).read_bytes() == repo.files["Q5_K_M/tiny-Q5_K_M-00001-of-00002.gguf"]
+    api = HfApi(endpoint=hub.url)
+    tree = {e.path for e in api.list_repo_tree(GGUF_REPO, recursive=True)}
+    assert tree >= set(repo.files)
+    top = {e.path for e in api.list_repo_tree(GGUF_REPO)}
+    assert "Q5_K_M" in top and "Q5_K_M/tiny-Q5_K_M-00001-of-00002.gguf" not in top
+    info = api.model_info(GGUF_REPO, files_metadata=True)
+    assert info.sha == repo.sha and info.siblings is not None
+    assert {s.rfilename: s.size for s in info.siblings} == {
+        n: len(d) for n, d in repo.files.items()
+    }

@@ -146,6 +146,11 @@ def test_no_filter_takes_everything() -> None:
     assert select_files(LISTING) == LISTING
 
 
+def test_listed_paths_that_would_leave_the_destination_are_skipped() -> None:
+    hostile = [RepoFile(n, 1) for n in ("../x.gguf", "/etc/x.gguf", "a//b.gguf", "a\\..\\b.gguf")]
+    assert select_files([*hostile, RepoFile("ok-Q8_0.gguf", 1)]) == [RepoFile("ok-Q8_0.gguf", 1)]
+
+
 # ---- repo addresses -----------------------------------------------------------------
 
 
@@ -232,7 +237,11 @@ def test_destinations_stay_inside_models_dir(tmp_path: Path) -> None:
     assert confine(models, "custom-name") == models.resolve() / "custom-name"
     assert confine(models, "a/b") == models.resolve() / "a" / "b"
     assert confine(models, str(models / "abs")) == models.resolve() / "abs"  # absolute, inside
-    for escape in ("..", "../x", "a/../../x", str(outside), "/etc", "link", "link/x", ".", ""):
+    loop = models / "loop"
+    loop.symlink_to(loop)
+    unusable = ("a" * 256, "x/" + "b" * 300, "bad\ud800name", "loop/x")
+    escapes = ("..", "../x", "a/../../x", str(outside), "/etc", "link", "link/x", ".", "")
+    for escape in (*escapes, *unusable):
         with pytest.raises(BadRequest) as caught:
             confine(models, escape)
         assert caught.value.status == 400

@@ -157,6 +157,23 @@ class DownloadRequest(BaseModel):
     def _one_pattern(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        return utf8_text(value)
+
+
+def utf8_text(value: Any) -> Any:
+    """``value`` when its strings are valid Unicode: JSON may carry a lone
+    surrogate (``"\\ud800"``), which no URL, file name or log line can take."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str):
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return value
+
 
 @dataclass
 class FileState:

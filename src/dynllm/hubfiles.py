@@ -25,6 +25,7 @@ resolve symlinks): the download manager (``dynllm.downloads``) and
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from urllib.parse import urlsplit
 
 from dynllm.errors import BadRequest, ModelNotFound
 
+NAME_MAX = 255
 HUB_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -222,6 +224,13 @@ def _projector(projectors: list[RepoFile], wanted: str) -> RepoFile | None:
     return min(projectors, key=lambda p: (p.size or 0, p.name))
 
 
+def safe_name(name: str) -> bool:
+    """A listed path that stays inside the destination (a Hub that lists
+    ``../x`` or ``/etc/x`` gets those files skipped, not written)."""
+    parts = name.split("/")
+    return bool(name) and "\\" not in name and all(p not in ("", ".", "..") for p in parts)
+
+
 def select_files(
     files: Sequence[RepoFile],
     quantization: str | None = None,
@@ -236,7 +245,7 @@ def select_files(
 
     chosen = list(
         filter_repo_objects(
-            files,
+            [f for f in files if safe_name(f.name)],
             allow_patterns=list(include) if include else None,
             ignore_patterns=list(exclude) if exclude else None,
             key=lambda f: f.name,
@@ -272,13 +281,20 @@ def select_files(
 def confine(models_dir: Path, destination: str) -> Path:
     """``destination`` (a folder name, a relative path or an absolute path)
     as a folder strictly inside ``models_dir``, symlinks resolved; 400 for
-    anything that would land elsewhere."""
+    anything that would land elsewhere or that no file system would take."""
     if not destination or "\0" in destination or not destination.strip():
         raise BadRequest("destination must be a folder name under models_dir")
-    root = models_dir.expanduser().resolve()
-    # An absolute destination replaces the root; ".." and symlinks are
-    # resolved, so whatever escapes is seen here.
-    target = (root / Path(destination).expanduser()).resolve()
+    try:
+        # Checked here: a name the file system refuses (longer than NAME_MAX,
+        # a lone surrogate) would otherwise fail later, as a 500.
+        if any(len(os.fsencode(part)) > NAME_MAX for part in Path(destination).parts):
+            raise BadRequest(f"destination has a name longer than {NAME_MAX} bytes")
+        root = models_dir.expanduser().resolve()
+        # An absolute destination replaces the root; ".." and symlinks are
+        # resolved, so whatever escapes is seen here.
+        target = (root / Path(destination).expanduser()).resolve()
+    except (OSError, UnicodeError, RuntimeError):  # RuntimeError: a symlink loop
+        raise BadRequest(f"destination {destination!r} is not a usable folder name") from None
     if target == root or not target.is_relative_to(root):
         raise BadRequest(
             f"destination {destination!r} is outside models_dir ({root}); "

@@ -21,10 +21,10 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from dynllm.api.bodies import parse_json_object
-from dynllm.downloads import DownloadManager, DownloadRequest
+from dynllm.downloads import DownloadManager, DownloadRequest, utf8_text
 from dynllm.errors import BadRequest, invalid_request
 
 
@@ -33,6 +33,11 @@ class VerifyRequest(BaseModel):
     url: str | None = None
     repo_id: str | None = None
     revision: str | None = None
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        return utf8_text(value)
 
 
 def _json_body(schema: dict[str, Any]) -> dict[str, Any]:
