@@ -557,7 +557,7 @@ def test_requests_take_a_single_pattern_as_a_list() -> None:
 
 
 def test_job_ids_look_like_xandroutings_and_never_repeat() -> None:
-    from dynllm.downloads import new_job_id
+    from dynllm.downloadjob import new_job_id
 
     ids = {new_job_id() for _ in range(1000)}
     assert len(ids) == 1000

@@ -24,7 +24,8 @@ from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from dynllm.api.bodies import parse_json_object
-from dynllm.downloads import DownloadManager, DownloadRequest, utf8_text
+from dynllm.downloadjob import DownloadRequest, utf8_text
+from dynllm.downloads import DownloadManager
 from dynllm.errors import BadRequest, invalid_request
 
 
