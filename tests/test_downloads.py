@@ -26,10 +26,10 @@ from dynllm.errors import (
     DynllmError,
     HubUnavailable,
     InsufficientStorage,
+    QuantizationNotFound,
     RepoGated,
     RepoNotFound,
 )
-from dynllm.hubfiles import QuantizationNotFound
 from dynllm.store import Store
 from tests.conftest import apoll
 from tests.support.fake_hub import (

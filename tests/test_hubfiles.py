@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dynllm.errors import BadRequest, ModelNotFound
+from dynllm.errors import BadRequest, ModelNotFound, QuantizationNotFound
 from dynllm.hubfiles import (
-    QuantizationNotFound,
     RepoFile,
     RepoRef,
     confine,

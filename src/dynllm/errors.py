@@ -11,6 +11,7 @@
     ├── Forbidden                    403     permission_error         forbidden
     ├── ModelNotFound                404     invalid_request_error    model_not_found
     │   ├── RepoNotFound             404     invalid_request_error    repo_not_found
+    │   ├── QuantizationNotFound     404     invalid_request_error    quantization_not_found
     │   └── DownloadNotFound         404     invalid_request_error    download_not_found
     ├── RepoGated                    403     permission_error         repo_gated
     ├── MethodNotAllowed             405     invalid_request_error    method_not_allowed (+Allow)
@@ -154,6 +155,12 @@ class RepoNotFound(ModelNotFound):
 
 class DownloadNotFound(ModelNotFound):
     code = "download_not_found"
+
+
+class QuantizationNotFound(ModelNotFound):
+    """No file of the requested quantization (the message lists those there are)."""
+
+    code = "quantization_not_found"
 
 
 class RepoGated(DynllmError):

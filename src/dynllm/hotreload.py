@@ -108,6 +108,7 @@ class Reloader:
         new = new.model_copy(update={"server": old.yaml.server, "db_path": old.yaml.db_path})
         scan_result = old.scan if cat.model_dirs(new) == old.dirs else cat.empty_scan()
         plan = self._swap(cat.build(new, scan_result, old.variants), restart)
+        self.services.downloads.config = new  # hf_token, hf_endpoint, limits, models_dir
         log.info(
             "config reloaded from %s: added %s, changed %s, removed %s, updated %s%s",
             self.path,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from dynllm.errors import BadRequest, ModelNotFound
+from dynllm.errors import BadRequest, QuantizationNotFound
 
 NAME_MAX = 255
 HUB_HOSTS = frozenset({"huggingface.co", "www.huggingface.co", "hf.co"})
@@ -72,12 +72,6 @@ class RepoRef:
     revision: str | None = None
     path: str | None = None
     """A single file the address pointed at (``/resolve/REV/PATH``, ``/blob/REV/PATH``)."""
-
-
-class QuantizationNotFound(ModelNotFound):
-    """No file of the requested quantization (404, listing those there are)."""
-
-    code = "quantization_not_found"
 
 
 # ---- repo addresses -----------------------------------------------------------------

@@ -20,8 +20,8 @@ with ``"stream": true`` as SSE, else a plain JSON body sent piece by piece),
 ``GET /fake/stats`` reports what this process saw: requests, how many ended
 because the client closed the connection (``gone``), completed ones, the
 ones in progress (``active``) and, per request, path, size and sha256 of the
-body received (JSON: also its top-level keys) (multipart: of the whole body and of the file part) and of the
-body sent.  It exits by itself within ~0.25 s of its parent dying.
+body received (JSON: also its top-level keys; multipart: of the whole body
+and of the file part) and of the body sent.  It exits by itself within ~0.25 s of its parent dying.
 """
 
 from __future__ import annotations
