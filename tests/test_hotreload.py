@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,3 +192,41 @@ def test_sighup_and_dynllm_reload_on_a_real_process(
     )  # fmt: skip
     assert result.returncode == 2, (result.stdout, result.stderr)  # refused: invalid config
     assert listed() == {"B"}
+
+
+async def test_a_reload_keeps_discovered_models_and_variants_and_scans_new_folders(
+    make_config: ConfigFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "models", tmp_path / "more"
+    first.mkdir()
+    second.mkdir()
+    shutil.copy(models_dir / "tiny.gguf", first / "tiny.gguf")
+    shutil.copy(models_dir / "tiny.gguf", second / "other.gguf")
+    top: dict[str, Any] = {
+        "discovery": True,
+        "models_dir": str(first),
+        "rescan_interval_seconds": 0,
+    }
+    path, config = make_config.write_and_load(
+        [fake_model("A")], enabled_backends=["llamacpp", "command"], **top
+    )
+    async with serve(config, config_path=path) as app:
+        assert (await app.chat("tiny")).status_code == 200
+        assert (await app.chat("tiny", n_ctx=512)).status_code == 200
+        running = {name: await pid(app, name) for name in ("tiny", "tiny@n_ctx=512")}
+        assert all(running.values())
+        rewrite(path, [fake_model("A"), fake_model("B")], **top, model_dirs=[str(second)])
+        answer = await app.client.post("/admin/reload", json={})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["added"] == ["B"] and answer.json()["removed"] == []
+        for name, before in running.items():  # untouched: the same processes
+            assert await pid(app, name) == before
+        # The new folder is scanned right after the reload.
+        await apoll(lambda: app.services.registry.find("other") is not None, timeout=10)
+        assert (await app.chat("other")).status_code == 200
+        rewrite(path, [fake_model("A")], **{**top, "discovery": False})
+        answer = await app.client.post("/admin/reload", json={})
+        assert set(answer.json()["removed"]) == {"B", "tiny", "tiny@n_ctx=512", "other"}
+        for before in running.values():
+            await apoll(lambda p=before: not psutil.pid_exists(p), timeout=10)
+        assert (await app.chat("tiny")).status_code == 404

@@ -106,8 +106,9 @@ class Reloader:
         # What only a restart can change stays as it runs.
         restart = plan_reload(old.yaml, new).restart_needed
         new = new.model_copy(update={"server": old.yaml.server, "db_path": old.yaml.db_path})
-        scan_result = old.scan if cat.model_dirs(new) == old.dirs else cat.empty_scan()
-        plan = self._swap(cat.build(new, scan_result, old.variants), restart)
+        # The last scan stays until the next one: new folders are scanned right
+        # after (below); files of folders no longer listed go with that scan.
+        plan = self._swap(cat.build(new, old.scan, old.variants), restart)
         self.services.downloads.config = new  # hf_token, hf_endpoint, limits, models_dir
         log.info(
             "config reloaded from %s: added %s, changed %s, removed %s, updated %s%s",
@@ -128,10 +129,12 @@ class Reloader:
         """Scan the model folders again and serve what changed: new files
         appear, removed ones unload once idle and go."""
         async with self._scan_lock:  # one scan at a time; later callers get a fresh one
-            found = await scan_folders(self.services.catalog.yaml, self._headers)
-            current = self.services.catalog  # the newest, after the await
-            if cat.model_dirs(current.yaml) != current.dirs:
-                return RescanResult(plan_reload(current.config, current.config), 0, ())
+            while True:
+                scanned = self.services.catalog.yaml
+                found = await scan_folders(scanned, self._headers)
+                current = self.services.catalog  # the newest, after the await
+                if cat.model_dirs(current.yaml) == cat.model_dirs(scanned):
+                    break  # else a reload changed the folders meanwhile: scan those
             new = cat.build(current.yaml, found, current.variants)
             plan = self._swap(new)
             for problem in new.problems:
