@@ -227,3 +227,21 @@ def test_parse_request_reports_every_field_to_strip() -> None:
     assert asked.present == {"ttl", "keep_alive", "n_ctx", "device"}
     assert asked.keep == 60  # Ollama's keep_alive wins over ttl
     assert asked.settings == {"n_ctx": 512, "device": "cuda"}
+
+
+def test_a_variant_its_base_can_no_longer_run_is_dropped_with_a_problem(tmp_path: Path) -> None:
+    c = cat.build(config(tmp_path), Scan((found(tmp_path, "h", Kind.HF),), ()))
+    name, v = variant(c, "h", gpu_memory_utilization=0.5) or ("", None)
+    c = cat.with_variant(c, name, v, idle=[])  # type: ignore[arg-type]
+    assert name == "h@gpu_memory_utilization=0.5" and name in c.variants
+    # vLLM no longer enabled: the folder is served by transformers, which has no such key.
+    rebuilt = cat.build(config(tmp_path, enabled_backends=["transformers"]), c.scan, c.variants)
+    assert [m.name for m in rebuilt.config.models] == ["h"] and rebuilt.variants == {}
+    assert any(name in p and "dropped" in p for p in rebuilt.problems)
+
+
+def test_huge_numbers_are_forever_not_errors() -> None:
+    assert cat.parse_request({"ttl": 10**400}).keep == math.inf
+    assert cat.parse_request({"keep_alive": -(10**400)}).keep == math.inf
+    with pytest.raises(BadRequest, match="n_ctx"):
+        cat.parse_request({"n_ctx": 10**5000})

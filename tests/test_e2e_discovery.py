@@ -301,3 +301,59 @@ async def test_yaml_models_refuse_request_settings_unless_allowed(
         assert bad.status_code == 400 and "n_ctx" in bad.json()["error"]["message"]
         bad = await app.chat("open", keep_alive="soon")
         assert bad.status_code == 400 and "keep_alive" in bad.json()["error"]["message"]
+
+
+def fake_discovery_config(make_config: ConfigFactory, folder: Path, **top: Any) -> Any:
+    """Discovery with the llama-server stand-in (starts in tens of ms)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return make_config([], models_dir=str(folder), discovery=True, rescan_interval_seconds=0, **top)
+
+
+async def test_settings_in_a_large_body_choose_the_variant_too(
+    make_config: ConfigFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "models"
+    config = fake_discovery_config(make_config, folder)
+    shutil.copy(models_dir / "tiny.gguf", folder / "tiny.gguf")
+    async with serve(config) as app:
+        big = "x" * (2 << 20)  # past the 1 MiB parsed on the event loop
+        answer = await app.chat("tiny", device="cpu", messages=[{"role": "user", "content": big}])
+        assert answer.status_code == 200, answer.text
+        models = await app.admin_models()
+        assert models["tiny@n_gpu_layers=0"]["status"] == "loaded"
+        assert models["tiny"]["status"] == "unloaded"
+
+
+async def test_variants_with_a_process_are_capped(
+    make_config: ConfigFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "models"
+    config = fake_discovery_config(make_config, folder, total_vram_mb=100000)
+    shutil.copy(models_dir / "tiny.gguf", folder / "tiny.gguf")
+    async with serve(config) as app:
+        for ctx in range(8):
+            assert (await app.chat("tiny", n_ctx=100 + ctx)).status_code == 200
+        refused = await app.chat("tiny", n_ctx=999)
+        assert refused.status_code == 503, refused.text
+        assert "variants" in refused.json()["error"]["message"] and refused.headers["retry-after"]
+        assert (await app.chat("tiny", n_ctx=100)).status_code == 200  # a running one: served
+        assert (await app.chat("tiny")).status_code == 200  # the model itself: served
+        unload = await app.client.post("/v1/models/unload", json={"model": "tiny", "n_ctx": 101})
+        assert unload.json()["unloaded"] == ["tiny@n_ctx=101"]
+        assert (await app.chat("tiny", n_ctx=999)).status_code == 200
+
+
+async def test_odd_model_names_are_404s_and_never_scan(
+    make_config: ConfigFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "models"
+    config = fake_discovery_config(make_config, folder)
+    (folder / ".cache").mkdir()
+    shutil.copy(models_dir / "tiny.gguf", folder / ".cache" / "hidden.gguf")
+    shutil.copy(models_dir / "tiny.gguf", folder / "half.gguf.incomplete")
+    async with serve(config) as app:
+        for label in ("/", "//", ".", "..", "gpt-4o", "a\x00b", "x" * 5000, ".cache/hidden",
+                      str(folder / ".cache" / "hidden.gguf"), "half.gguf.incomplete"):  # fmt: skip
+            answer = await app.chat(label)
+            assert answer.status_code in (400, 404), (label[:20], answer.text)
+        assert app.services.reloader._scans == 0  # none of them made a scan

@@ -215,7 +215,8 @@ async def test_a_reload_keeps_discovered_models_and_variants_and_scans_new_folde
         assert (await app.chat("tiny", n_ctx=512)).status_code == 200
         running = {name: await pid(app, name) for name in ("tiny", "tiny@n_ctx=512")}
         assert all(running.values())
-        rewrite(path, [fake_model("A"), fake_model("B")], **top, model_dirs=[str(second)])
+        more = {**top, "model_dirs": [str(second)], "rescan_interval_seconds": 0.3}
+        rewrite(path, [fake_model("A"), fake_model("B")], **more)
         answer = await app.client.post("/admin/reload", json={})
         assert answer.status_code == 200, answer.text
         assert answer.json()["added"] == ["B"] and answer.json()["removed"] == []
@@ -224,9 +225,12 @@ async def test_a_reload_keeps_discovered_models_and_variants_and_scans_new_folde
         # The new folder is scanned right after the reload.
         await apoll(lambda: app.services.registry.find("other") is not None, timeout=10)
         assert (await app.chat("other")).status_code == 200
+        # The reload turned the periodic rescan on: a new file appears by itself.
+        shutil.copy(models_dir / "tiny.gguf", second / "late.gguf")
+        await apoll(lambda: app.services.registry.find("late") is not None, timeout=10)
         rewrite(path, [fake_model("A")], **{**top, "discovery": False})
         answer = await app.client.post("/admin/reload", json={})
-        assert set(answer.json()["removed"]) == {"B", "tiny", "tiny@n_ctx=512", "other"}
+        assert set(answer.json()["removed"]) == {"B", "tiny", "tiny@n_ctx=512", "other", "late"}
         for before in running.values():
             await apoll(lambda p=before: not psutil.pid_exists(p), timeout=10)
         assert (await app.chat("tiny")).status_code == 404

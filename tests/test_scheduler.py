@@ -24,6 +24,7 @@ from dynllm.errors import (
     Unavailable,
 )
 from dynllm.events import LifecycleEvent, Reason
+from dynllm.reload import ReloadPlan
 from dynllm.scheduler import Handle, ModelState, PortTaken, Scheduler, out_of_memory
 from dynllm.store import columns
 
@@ -669,3 +670,56 @@ async def test_replace_waits_for_the_exit_report_then_restarts() -> None:
     assert not new.backend_exited
     new.release()
     assert s.slots["A"].in_flight == 0
+
+
+def _plan(**parts: tuple[str, ...]) -> ReloadPlan:
+    fields = {"added": (), "changed": (), "removed": (), "updated": (), "restart_needed": ()}
+    return ReloadPlan(**{**fields, **parts})  # type: ignore[arg-type]
+
+
+async def test_a_model_removed_and_back_before_it_stopped_keeps_its_slot_and_process() -> None:
+    """A file replaced between two scans: the model is removed while busy,
+    then added back; its running backend stays booked (no second process,
+    no VRAM or port forgotten) and it is served on."""
+    s, fx, _, _ = make(AB)
+    held = await s.acquire(spec(s, "A"))
+    config = s.config
+    without = config.model_copy(update={"models": [m for m in config.models if m.name != "A"]})
+    s.reconfigure(without, _plan(removed=("A",)))
+    s.reconfigure(config, _plan(added=("A",)))
+    slot = s.slots["A"]
+    assert not slot.retiring and slot.state is ModelState.READY and s.used_vram_mb() == 6000
+    held.release()
+    await settle()
+    (await s.acquire(spec(s, "A"))).release()
+    assert fx.starts("A") == 1  # the same process
+    # A later reconfigure that removes nothing still retires what an earlier one removed.
+    held = await s.acquire(spec(s, "A"))
+    s.reconfigure(without, _plan(removed=("A",)))
+    s.reconfigure(without, _plan(added=()))
+    held.release()
+    await settle()
+    assert "A" not in s.slots and s.used_vram_mb() == 0
+
+
+async def test_a_requests_keep_sets_the_idle_timer_and_zero_unloads_at_once() -> None:
+    s, fx, clock, _ = make(AB, idle_timeout_seconds=300)
+    lease = await s.acquire(spec(s, "A"))
+    lease.keep = 2.0
+    lease.release()
+    assert s.unload_after(s.slots["A"]) == 2.0
+    clock.now += 2.1
+    assert await s.unload_idle() == ["A"]
+    lease = await s.acquire(spec(s, "A"))
+    lease.release()  # no keep: the config's again
+    assert s.unload_after(s.slots["A"]) == 300
+    other = await s.acquire(spec(s, "A"))
+    lease = await s.acquire(spec(s, "A"))
+    lease.keep = 0
+    lease.release()  # another request still runs: not yet
+    assert s.slots["A"].state is ModelState.READY
+    other.keep = 0
+    other.release()
+    assert s.slots["A"].state is ModelState.UNLOADING
+    await settle()
+    assert s.slots["A"].state is ModelState.UNLOADED and fx.log[-1] == ("stop", "A")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from dynllm.stats import CacheStats, hit_rate
@@ -69,3 +70,18 @@ async def test_totals_survive_a_restart_and_since_start_begins_again(
     assert again["all_time"] == {
         "total_requests": 4, "cache_hits": 2, "cache_misses": 2, "hit_rate": 0.5
     }  # fmt: skip
+
+
+async def test_a_failed_load_is_a_miss_and_a_cooldown_refusal_is_neither(
+    make_config: ConfigFactory,
+) -> None:
+    broken = fake_model("broken")
+    broken["command"] = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    config = make_config([broken], enabled_backends=["command"], load_failure_cooldown_seconds=60)
+    async with serve(config) as app:
+        first = await app.chat("broken")
+        assert first.status_code == 502, first.text
+        cooling = await app.chat("broken")
+        assert cooling.status_code == 503 and cooling.json()["error"]["code"] == "load_cooldown"
+        stats = (await app.client.get("/v1/models/stats")).json()
+    assert (stats["total_requests"], stats["cache_misses"], stats["cache_hits"]) == (1, 1, 0)

@@ -46,7 +46,7 @@ from dynllm.api.cors import Cors, is_preflight
 from dynllm.api.dispatch import dispatch, send_error
 from dynllm.api.jsonwork import JsonWorker
 from dynllm.backends import Upstream, missing_binary, upstream_table
-from dynllm.catalog import Catalog
+from dynllm.catalog import Catalog, model_dirs
 from dynllm.catalog import build as build_catalog
 from dynllm.config import Config
 from dynllm.downloads import DownloadManager
@@ -283,14 +283,10 @@ def create_app(
         services.request_sinks.append(services.metrics.observe_request)
         app.state.services = services
         services.reloader = Reloader(front, config_path, adjust)
-        rescans: set[asyncio.Task[Any]] = set()
-
         def downloaded(folder: Path) -> None:
             # Served at once: scan the folders now rather than at the next interval.
-            task = asyncio.get_running_loop().create_task(services.reloader.rescan())
-            rescans.add(task)
-            task.add_done_callback(rescans.discard)
             log.info("download finished in %s; scanning the model folders", folder)
+            services.reloader.rescan_soon("after-download")
 
         services.downloads = DownloadManager(config, store, on_finished=downloaded)
         await services.downloads.start()
@@ -315,15 +311,22 @@ def create_app(
             coalesce=True,
             id="idle-unload",
         )
-        if catalog.dirs and config.rescan_interval_seconds > 0:
-            jobs.add_job(
-                services.reloader.rescan,
-                "interval",
-                seconds=config.rescan_interval_seconds,
-                max_instances=1,
-                coalesce=True,
-                id="rescan",
-            )
+        def schedule_rescans(new: Config) -> None:
+            """The periodic rescan as ``new`` wants it (also after a reload)."""
+            if jobs.get_job("rescan") is not None:
+                jobs.remove_job("rescan")
+            if model_dirs(new) and new.rescan_interval_seconds > 0:
+                jobs.add_job(
+                    services.reloader.rescan,
+                    "interval",
+                    seconds=new.rescan_interval_seconds,
+                    max_instances=1,
+                    coalesce=True,
+                    id="rescan",
+                )
+
+        schedule_rescans(config)
+        services.reloader.on_config = schedule_rescans
         jobs.start()
         try:
             await _preload(app.state.services, stopping)
@@ -336,6 +339,7 @@ def create_app(
             lines.close()
             jobs.shutdown(wait=False)
             await services.downloads.close()
+            await services.reloader.close()
             await scheduler.shutdown()
             services.stats.flush(store.record)
             await client.close()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ from dynllm.estimate import Estimate, estimate
 VLLM_DEFAULT_GPU_SHARE = 0.9  # vLLM's own default for --gpu-memory-utilization
 MAX_VARIANTS = 32
 """Variants kept at most; beyond it the unloaded ones used longest ago go."""
+MAX_LIVE_VARIANTS = 8
+"""Variants with a process at once; a request for another new one gets 503."""
 
 _DEVICE = re.compile(r"(cpu|cuda|gpu|auto|npu|mps)(:\d{1,3})?", re.IGNORECASE)
 _GGUF_BACKENDS = (BackendName.LLAMACPP,)
@@ -150,7 +152,15 @@ def build(yaml: Config, scan: Scan, variants: Mapping[str, Variant] | None = Non
         if base is None or name in labels:
             continue
         meta = discovered[base.name].found.meta if base.name in discovered else None
-        spec = _variant_spec(yaml, base, meta, name, dict(variant.settings))
+        try:  # its base may have changed under it (a reload): then it goes
+            spec = _variant_spec(yaml, base, meta, name, dict(variant.settings))
+            _effective_for(yaml, base, dict(variant.settings))
+        except (ValidationError, BadRequest) as exc:
+            problems.append(f"variant '{name}' dropped: {_reason(exc)}")
+            continue
+        if (wrong_type := type_problem(spec)) is not None:
+            problems.append(f"variant '{name}' dropped: {wrong_type}")
+            continue
         models.append(spec)
         sources[name] = Source.VARIANT
         kept[name] = variant
@@ -167,6 +177,23 @@ def build(yaml: Config, scan: Scan, variants: Mapping[str, Variant] | None = Non
         problems=tuple(problems),
         paths=paths,
     )
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(str(e["msg"]) for e in exc.errors())
+    return str(exc)
+
+
+def _effective_for(config: Config, base: ModelConfig, settings: Mapping[str, Any]) -> None:
+    """Raise BadRequest if ``settings`` no longer suit ``base`` (a backend
+    it cannot use any more, one no longer enabled)."""
+    backend = settings.get("backend")
+    if backend is not None and backend is not base.backend:
+        if backend not in config.enabled_backends:
+            raise BadRequest(f"backend '{backend.value}' is no longer enabled")
+        if base.backend not in _HF_BACKENDS or backend not in _HF_BACKENDS:
+            raise BadRequest(f"'{base.name}' can no longer run on '{backend.value}'")
 
 
 def _resolved(path: Path) -> Path | None:
@@ -296,7 +323,7 @@ def parse_keep_alive(value: Any) -> float:
     if isinstance(value, bool):
         raise BadRequest('keep_alive: a duration such as "5m", seconds, 0 or -1, not a boolean')
     if isinstance(value, int | float):
-        return _seconds(float(value), "keep_alive")
+        return _seconds(_float(value), "keep_alive")
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -326,11 +353,22 @@ def parse_ttl(value: Any) -> float:
     (-1: keep loaded)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"ttl: a number of seconds (-1: keep loaded), not {_quoted(value)}")
-    return _seconds(float(value), "ttl")
+    return _seconds(_float(value), "ttl")
+
+
+def _float(value: float) -> float:
+    """A JSON number as seconds; an integer too large for a float is forever."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 def _quoted(value: Any) -> str:
-    text = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    try:
+        text = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    except ValueError:  # an int past Python's digit limit for repr
+        return "a number too long to show"
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -510,9 +548,35 @@ def with_variant(catalog: Catalog, name: str, variant: Variant, idle: Iterable[s
     (unloaded, nobody waiting) go first, in the order given (oldest first)."""
     variants = dict(catalog.variants)
     variants[name] = variant
+    if len(variants) <= MAX_VARIANTS:
+        return _plus_variant(catalog, name, variant, variants)
     for old in idle:
         if len(variants) <= MAX_VARIANTS:
             break
         if old != name:
             variants.pop(old, None)
     return build(catalog.yaml, catalog.scan, variants)
+
+
+def _plus_variant(
+    catalog: Catalog, name: str, variant: Variant, variants: dict[str, Variant]
+) -> Catalog:
+    """``catalog`` with one more variant, without rebuilding the rest (a
+    request is waiting for it)."""
+    base = next(m for m in catalog.config.models if m.name == variant.base)
+    entry = catalog.discovered.get(base.name)
+    try:
+        spec = _variant_spec(
+            catalog.yaml, base, entry.found.meta if entry else None, name, dict(variant.settings)
+        )
+    except ValidationError as exc:
+        raise BadRequest(f"These settings cannot serve '{base.name}': {_reason(exc)}") from None
+    if (problem := type_problem(spec)) is not None:
+        raise BadRequest(f"These settings cannot serve '{base.name}': {problem}")
+    config = catalog.config.model_copy(update={"models": [*catalog.config.models, spec]})
+    return replace(
+        catalog,
+        variants=variants,
+        config=config,
+        sources={**catalog.sources, name: Source.VARIANT},
+    )

@@ -35,7 +35,7 @@ from dynllm.api.cors import Cors
 from dynllm.backends import upstream_table
 from dynllm.config import Config, ConfigError, ModelConfig, load_config
 from dynllm.discovery import HeaderCache, Scan, scan, scan_one
-from dynllm.errors import BadRequest, InvalidConfig, ModelNotFound
+from dynllm.errors import BadRequest, InvalidConfig, ModelNotFound, Unavailable
 from dynllm.events import ModelState
 from dynllm.registry import Registry
 from dynllm.reload import ReloadPlan, plan_reload
@@ -86,6 +86,15 @@ class Reloader:
         self._scan_lock = asyncio.Lock()
         self._headers = HeaderCache()
         """GGUF headers of unchanged files, kept from one rescan to the next."""
+        self._scans = 0  # rescans finished
+        self._last: RescanResult | None = None
+        self._refused: dict[Path, tuple[int, int]] = {}
+        """Paths a request named that a scan found but would not serve (a name
+        clash, no enabled backend), with their (mtime, size): not scanned for
+        again until they change."""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.on_config: Callable[[Config], None] = lambda config: None
+        """Told of each reloaded config (the app reschedules its periodic rescan)."""
 
     @property
     def services(self) -> Services:
@@ -110,6 +119,7 @@ class Reloader:
         # after (below); files of folders no longer listed go with that scan.
         plan = self._swap(cat.build(new, old.scan, old.variants), restart)
         self.services.downloads.config = new  # hf_token, hf_endpoint, limits, models_dir
+        self.on_config(new)
         log.info(
             "config reloaded from %s: added %s, changed %s, removed %s, updated %s%s",
             self.path,
@@ -122,13 +132,17 @@ class Reloader:
             else "",
         )
         if cat.model_dirs(new) != old.dirs:  # new folders: scan them now
-            asyncio.get_running_loop().create_task(self.rescan(), name="rescan-after-reload")
+            self.rescan_soon("after-reload")
         return plan
 
-    async def rescan(self) -> RescanResult:
+    async def rescan(self, newer_than: int | None = None) -> RescanResult:
         """Scan the model folders again and serve what changed: new files
-        appear, removed ones unload once idle and go."""
+        appear, removed ones unload once idle and go.  ``newer_than``: a
+        scan count; a scan finished since then will do (N requests for one
+        new file wait for one scan, not N)."""
         async with self._scan_lock:  # one scan at a time; later callers get a fresh one
+            if newer_than is not None and self._scans > newer_than and self._last is not None:
+                return self._last
             while True:
                 scanned = self.services.catalog.yaml
                 found = await scan_folders(scanned, self._headers)
@@ -147,7 +161,25 @@ class Reloader:
                     list(plan.removed),
                     list(plan.changed),
                 )
-            return RescanResult(plan, len(found.found), new.problems)
+            self._scans += 1
+            self._last = RescanResult(plan, len(found.found), new.problems)
+            return self._last
+
+    def rescan_soon(self, why: str) -> None:
+        """A rescan in the background (a download finished, folders changed)."""
+        task = asyncio.get_running_loop().create_task(self.rescan(), name=f"rescan-{why}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("rescanning the model folders failed: %s", exc, exc_info=exc)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def with_variant(self, spec: ModelConfig, settings: dict[str, Any]) -> ModelConfig:
         """The model that serves ``spec`` with a request's ``settings``: a
@@ -159,8 +191,22 @@ class Reloader:
         if wanted is None:
             return self.services.registry.get(current.base_of(spec.name))
         name, variant = wanted
+        scheduler = self.services.scheduler
+        live = [
+            n
+            for n in current.variants
+            if (s := scheduler.slots.get(n)) is not None and s.state is not ModelState.UNLOADED
+        ]
+        if name not in live and len(live) >= cat.MAX_LIVE_VARIANTS:
+            # CPU variants book no VRAM, so the ledger alone would let any
+            # client start a process per setting it can think of.
+            raise Unavailable(
+                f"{len(live)} variants (models started with request settings) are "
+                f"running, the most allowed; retry once one is idle and unloaded, "
+                f"or unload one: {', '.join(sorted(live)[:8])}",
+                retry_after=self.services.config.idle_check_interval_seconds,
+            )
         if name not in current.variants:
-            scheduler = self.services.scheduler
             idle = [
                 n
                 for n, s in sorted(scheduler.slots.items(), key=lambda item: item[1].last_used)
@@ -194,14 +240,21 @@ class Reloader:
         if inside:
             return self.services.registry.get(inside[0])
         for path in candidates:
+            if _skipped(path, current.dirs) or self._refused.get(path) == _stamp(path):
+                continue
+            scans = self._scans
             found = await asyncio.to_thread(
                 scan_one, path, current.dirs, list(current.yaml.enabled_backends)
             )
             if found is not None:
-                await self.rescan()  # serve it, and whatever else is new there
+                await self.rescan(newer_than=scans)  # serve it, and whatever else is new
                 name = self.services.catalog.paths.get(found.path)
                 if name is not None:
                     return self.services.registry.get(name)
+                if (stamp := _stamp(path)) is not None:
+                    self._refused[path] = stamp
+                    if len(self._refused) > 1024:  # bounded: the oldest go first
+                        del self._refused[next(iter(self._refused))]
         raise not_found
 
     # ---- the swap --------------------------------------------------------------------
@@ -234,14 +287,36 @@ def _candidates(label: str, dirs: tuple[Path, ...]) -> list[Path]:
     bases = [raw] if raw.is_absolute() else [d / raw for d in dirs]
     out: list[Path] = []
     for base in bases:
-        for path in (base, base.with_name(base.name + ".gguf")):
+        forms = [base, base.with_name(base.name + ".gguf")] if base.name else [base]
+        for path in forms:
             try:
                 resolved = path.resolve()
+                if not resolved.exists():
+                    continue
             except (OSError, RuntimeError, ValueError):
                 continue
             if resolved not in out and any(_within(resolved, d) for d in _resolved_dirs(dirs)):
                 out.append(resolved)
     return out
+
+
+def _skipped(path: Path, dirs: tuple[Path, ...]) -> bool:
+    """What a folder scan skips: hidden entries (a download's
+    ``.cache/huggingface``) and partial files."""
+    if path.name.endswith((".incomplete", ".part")):
+        return True
+    for folder in _resolved_dirs(dirs):
+        if _within(path, folder):
+            return any(part.startswith(".") for part in path.relative_to(folder).parts)
+    return False
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
 
 
 def _resolved_dirs(dirs: tuple[Path, ...]) -> list[Path]:

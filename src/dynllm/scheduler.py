@@ -754,14 +754,24 @@ class Scheduler:
         self.config = config
         specs = {m.name: m for m in config.models}
         for name in plan.added:
-            self.slots[name] = Slot(specs[name])
+            slot = self.slots.get(name)
+            if slot is None:
+                self.slots[name] = Slot(specs[name])
+                continue
+            # Removed earlier and back before its backend stopped (a file
+            # replaced between two scans): the same slot, so its running
+            # process stays booked; restarted once idle if it starts differently.
+            slot.retiring = False
+            if slot.spec != specs[name]:
+                slot.next_spec = specs[name]
         for name in plan.updated:
             self.slots[name].spec = specs[name]
         for name in plan.changed:
             self.slots[name].next_spec = specs[name]
         for name in plan.removed:
             self.slots[name].retiring = True
-        self._reloading = bool(plan.changed or plan.removed)
+        # Slots an earlier reconfigure left waiting to retire still wait.
+        self._reloading = self._reloading or bool(plan.changed or plan.removed or plan.added)
         self._pump()
 
     def _retire_idle(self) -> None:

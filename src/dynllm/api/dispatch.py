@@ -134,6 +134,7 @@ class Incoming:
     field: bodies.ModelField | None = None  # where a multipart "model" lies
     drop: frozenset[str] = frozenset()  # dynllm's request settings, kept from the backend
     keep: float | None = None  # the idle timeout the request asked for (ttl / keep_alive)
+    spec: ModelConfig | None = None  # the model, once found (a large body's, by the helper)
 
     def to_backend(self, upstream: Upstream) -> bytes | bodies.Spool | None:
         """The body as the backend must receive it (its own model name, its
@@ -210,6 +211,7 @@ async def _large_json(services: Services, route: Route, pieces: list[bytes]) -> 
         if new is not None:
             pieces = [new]
     incoming.body = bodies.Spool.of_pieces(pieces)
+    incoming.spec = spec
     return incoming
 
 
@@ -313,6 +315,8 @@ async def _model_for(services: Services, incoming: Incoming, route: Route) -> Mo
     """The model that serves this request: the one it names, or the variant
     its settings (backend, device, context...) ask for; its ``ttl`` /
     ``keep_alive`` and those settings are noted and kept from the backend."""
+    if incoming.spec is not None:  # a large body: found (and its settings read) already
+        return check_family(incoming.spec, route.family, incoming.label)
     spec = await find_model(services, incoming.label)
     data = incoming.data
     if data is not None and not REQUEST_FIELDS.isdisjoint(data):
@@ -403,8 +407,11 @@ async def lease_and_forward(
     else:
         try:
             lease = await _timed(ex, slot, scheduler.acquire(spec))
-        finally:  # a request that had to wait for a load is a miss, served or not
-            services.stats.count(spec.name, hit=not ex.cold)
+        except BaseException:
+            if ex.cold:  # it had to wait for a load: a miss, served or not
+                services.stats.count(spec.name, hit=False)
+            raise  # refused before any load (cooldown, queue timeout, left): neither
+        services.stats.count(spec.name, hit=not ex.cold)
     lease.keep = keep
     for tries_left in (1, 0):
         try:
