@@ -6,6 +6,7 @@ keep_alive; cache statistics."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from pathlib import Path
@@ -42,6 +43,16 @@ async def listed(app: RunningApp) -> dict[str, dict[str, Any]]:
 async def state_of(app: RunningApp, name: str) -> str | None:
     models = await app.admin_models()
     return models[name]["status"] if name in models else None
+
+
+async def until_state(app: RunningApp, name: str, want: str, timeout: float) -> float:
+    """Seconds until ``name`` is in state ``want`` (AssertionError past ``timeout``)."""
+    started = time.monotonic()
+    while (state := await state_of(app, name)) != want:
+        took = time.monotonic() - started
+        assert took < timeout, f"{name} still {state} after {took:.2f} s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
 
 
 async def test_a_gguf_copied_into_models_dir_is_served_after_a_rescan_and_goes_when_removed(
@@ -235,27 +246,26 @@ async def test_two_contexts_are_two_processes_and_ttl_and_keep_alive_unload(
         interval = app.config.idle_check_interval_seconds
         small = await app.chat("tiny", n_ctx=256, device="cuda", max_tokens=2)
         large = await app.chat("tiny", n_ctx=8192, device="cuda", max_tokens=2, ttl=2)
+        ended = time.monotonic()
         assert small.status_code == large.status_code == 200, (small.text, large.text)
         models = await app.admin_models()
         a, b = models["tiny@n_gpu_layers=-1"], models["tiny@n_gpu_layers=-1,n_ctx=8192"]
         assert a["pid"] and b["pid"] and a["pid"] != b["pid"]
         assert 0 < a["vram_mb"] < b["vram_mb"]
         print(f"variants: n_ctx 256 -> {a['vram_mb']} MB, n_ctx 8192 -> {b['vram_mb']} MB")
-        ended = time.monotonic()
-        await apoll(lambda: not psutil.pid_exists(b["pid"]), timeout=2 + interval + 1)
+        await until_state(app, "tiny@n_gpu_layers=-1,n_ctx=8192", "unloaded", 2 + interval + 1)
         took = time.monotonic() - ended
-        assert await state_of(app, "tiny@n_gpu_layers=-1,n_ctx=8192") == "unloaded"
+        assert took <= 2 + interval + 1
+        assert not psutil.pid_exists(b["pid"])
         assert await state_of(app, "tiny@n_gpu_layers=-1") == "loaded"  # its own timer
         print(f"ttl 2: unloaded {took:.2f} s after the response (limit {2 + interval + 1} s)")
 
         assert (await app.chat("tiny", max_tokens=2)).status_code == 200
         pid = (await app.admin_models())["tiny"]["pid"]
         answer = await app.chat("tiny", keep_alive=0, max_tokens=2)
-        ended = time.monotonic()
         assert answer.status_code == 200, answer.text
-        await apoll(lambda: not psutil.pid_exists(pid), timeout=app.config.stop_timeout_seconds + 2)
-        took = time.monotonic() - ended
-        assert await state_of(app, "tiny") == "unloaded"
+        took = await until_state(app, "tiny", "unloaded", app.config.stop_timeout_seconds + 2)
+        assert not psutil.pid_exists(pid)
         assert took < interval  # not the idle job: the end of the response did it
         print(f"keep_alive 0: backend gone {took:.2f} s after the response")
 
