@@ -34,6 +34,16 @@ def discovery_config(make_config: ConfigFactory, folder: Path, **top: Any) -> An
     )
 
 
+def with_tiny(
+    make_config: ConfigFactory, models_dir: Path, tmp_path: Path, *, real: bool, **top: Any
+) -> Any:
+    """A models folder holding tiny.gguf, served by the real llama-server or its stand-in."""
+    folder = tmp_path / "models"
+    config = (discovery_config if real else fake_discovery_config)(make_config, folder, **top)
+    shutil.copy(models_dir / "tiny.gguf", folder / "tiny.gguf")
+    return config
+
+
 async def listed(app: RunningApp) -> dict[str, dict[str, Any]]:
     answer = await app.client.get("/v1/models")
     assert answer.status_code == 200, answer.text
@@ -239,9 +249,7 @@ async def test_xandrouting_readme_requests_and_management_calls(
 async def test_two_contexts_are_two_processes_and_ttl_and_keep_alive_unload(
     make_config: ConfigFactory, models_dir: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "models"
-    config = discovery_config(make_config, folder, total_vram_mb=8000)
-    shutil.copy(models_dir / "tiny.gguf", folder / "tiny.gguf")
+    config = with_tiny(make_config, models_dir, tmp_path, real=True, total_vram_mb=8000)
     async with serve(config) as app:
         interval = app.config.idle_check_interval_seconds
         small = await app.chat("tiny", n_ctx=256, device="cuda", max_tokens=2)
@@ -273,9 +281,7 @@ async def test_two_contexts_are_two_processes_and_ttl_and_keep_alive_unload(
 async def test_one_cold_and_three_warm_requests_are_one_miss_and_three_hits(
     make_config: ConfigFactory, models_dir: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "models"
-    config = discovery_config(make_config, folder)
-    shutil.copy(models_dir / "tiny.gguf", folder / "tiny.gguf")
+    config = with_tiny(make_config, models_dir, tmp_path, real=True)
     async with serve(config) as app:
         for _ in range(4):
             assert (await app.chat("tiny", max_tokens=2)).status_code == 200
@@ -322,9 +328,7 @@ def fake_discovery_config(make_config: ConfigFactory, folder: Path, **top: Any) 
 async def test_settings_in_a_large_body_choose_the_variant_too(
     make_config: ConfigFactory, models_dir: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "models"
-    config = fake_discovery_config(make_config, folder)
-    shutil.copy(models_dir / "tiny.gguf", folder / "tiny.gguf")
+    config = with_tiny(make_config, models_dir, tmp_path, real=False)
     async with serve(config) as app:
         big = "x" * (2 << 20)  # past the 1 MiB parsed on the event loop
         answer = await app.chat("tiny", device="cpu", messages=[{"role": "user", "content": big}])
@@ -337,9 +341,7 @@ async def test_settings_in_a_large_body_choose_the_variant_too(
 async def test_variants_with_a_process_are_capped(
     make_config: ConfigFactory, models_dir: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "models"
-    config = fake_discovery_config(make_config, folder, total_vram_mb=100000)
-    shutil.copy(models_dir / "tiny.gguf", folder / "tiny.gguf")
+    config = with_tiny(make_config, models_dir, tmp_path, real=False, total_vram_mb=100000)
     async with serve(config) as app:
         for ctx in range(8):
             assert (await app.chat("tiny", n_ctx=100 + ctx)).status_code == 200
