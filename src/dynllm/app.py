@@ -283,6 +283,7 @@ def create_app(
         services.request_sinks.append(services.metrics.observe_request)
         app.state.services = services
         services.reloader = Reloader(front, config_path, adjust)
+
         def downloaded(folder: Path) -> None:
             # Served at once: scan the folders now rather than at the next interval.
             log.info("download finished in %s; scanning the model folders", folder)
@@ -311,6 +312,7 @@ def create_app(
             coalesce=True,
             id="idle-unload",
         )
+
         def schedule_rescans(new: Config) -> None:
             """The periodic rescan as ``new`` wants it (also after a reload)."""
             if jobs.get_job("rescan") is not None:
