@@ -136,13 +136,13 @@ async def _stream_blocks_eviction(
 ) -> dict[str, Any]:
     config = make_config(
         [
-            {"name": "A", "vram_mb": 6000, "extra_args": ["--fake-token-rate", "10"]},
+            {"name": "A", "vram_mb": 6000, "extra_args": ["--fake-token-rate", "40"]},
             {"name": "B", "vram_mb": 6000},
         ],
         queue_timeout_seconds=queue_timeout,
     )
     async with serve(config) as app:
-        stream = asyncio.create_task(stream_chat(app, "A", 200))  # 20 s at 10 tokens/s
+        stream = asyncio.create_task(stream_chat(app, "A", 200))  # 5 s at 40 tokens/s
         await apoll(lambda: app.services.scheduler.slots["A"].in_flight == 1, 10)
         b_response = await app.chat("B")
         b_done = time.monotonic()
@@ -178,18 +178,18 @@ async def test_long_stream_is_never_evicted_and_queue_times_out(
 
 async def test_idle_unload_is_timely_and_never_cuts_a_stream(make_config: ConfigFactory) -> None:
     config = make_config(
-        [{"name": "A", "unload_time": 2, "extra_args": ["--fake-token-rate", "10"]}],
+        [{"name": "A", "unload_time": 2, "extra_args": ["--fake-token-rate", "40"]}],
         idle_check_interval_seconds=0.5,
     )
     async with serve(config) as app:
-        events, ended = await stream_chat(app, "A", 100)  # a 10 s stream, 5x the timeout
+        events, ended = await stream_chat(app, "A", 200)  # a 5 s stream, 2.5x the timeout
         assert events[-1] == "[DONE]"
-        assert len(content_of(events).split()) == 100
+        assert len(content_of(events).split()) == 200
         slots = app.services.scheduler.slots
         assert slots["A"].state.value == "loaded"
         await apoll(lambda: slots["A"].state.value == "unloaded", timeout=10, interval=0.05)
         unloaded_after = time.monotonic() - ended
-        print(f"unloaded {unloaded_after:.2f} s after the 10 s stream's last byte (limit 3.5)")
+        print(f"unloaded {unloaded_after:.2f} s after the 5 s stream's last byte (limit 3.5)")
         assert 2 <= unloaded_after <= 2 + 0.5 + 1, unloaded_after
 
 
