@@ -43,7 +43,7 @@ from dynllm.admission import Admission
 from dynllm.api import admin, downloads, kserve, modelcache, openai, routes, ui
 from dynllm.api.access import Access, is_loopback
 from dynllm.api.cors import Cors, is_preflight
-from dynllm.api.dispatch import dispatch, send_error
+from dynllm.api.dispatch import dispatch
 from dynllm.api.jsonwork import JsonWorker
 from dynllm.backends import Upstream, missing_binary, upstream_table
 from dynllm.catalog import Catalog, model_dirs
@@ -55,7 +55,7 @@ from dynllm.events import EventHub, LineHub, Reason, log_event
 from dynllm.hotreload import Reloader, scan_folders
 from dynllm.launcher import ProcessEffects
 from dynllm.metrics import Metrics
-from dynllm.proxy import make_client
+from dynllm.proxy import make_client, send_error
 from dynllm.registry import ApiFamily, Registry
 from dynllm.requestlog import RequestSink, default_sinks
 from dynllm.scheduler import Scheduler

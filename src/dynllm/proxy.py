@@ -221,10 +221,13 @@ class Exchange:
     async def end_stream_with(self, send: Send, error: DynllmError) -> None:
         """End an event stream that already started with one SSE error event
         (the status is gone: the error's is what the record keeps)."""
-        event = error.sse_event()
+        self.status = error.status
+        await self.end_stream(send, error.sse_event())
+
+    async def end_stream(self, send: Send, event: bytes) -> None:
+        """Send ``event`` as the last message of an event stream that started."""
         if self.first_byte is None:
             self.first_byte = time.monotonic()
-        self.status = error.status
         self.done = True
         self.sent += len(event)
         await send({"type": "http.response.body", "body": event, "more_body": False})
@@ -337,7 +340,7 @@ class UpstreamResponse:
                 previous, last = last, chunk
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if self.has_usage and sent:
-                tail = last if b'"usage"' in last else (previous + last)[-2 * USAGE_TAIL :]
+                tail = last if b'"usage"' in last else previous + last
                 note_usage(ex, tail[-2 * USAGE_TAIL :])
         except (TimeoutError, aiohttp.ClientError) as exc:
             name = self.lease.spec.name
@@ -368,6 +371,23 @@ async def send_json_payload(
     await send({"type": "http.response.body", "body": payload})
 
 
+async def send_error(
+    send: Send,
+    exc: DynllmError,
+    shape: Shape = Shape.OPENAI,
+    extra: Iterable[tuple[bytes, bytes]] = (),
+    ex: Exchange | None = None,
+) -> None:
+    """``exc`` as a whole response in the route's ``shape`` (its headers,
+    such as Retry-After, plus ``extra``); noted on ``ex`` when given."""
+    status, headers, payload = exc.render(shape)
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    if ex is not None:
+        ex.started = ex.done = True
+        ex.status, ex.sent, ex.first_byte = status, len(payload), time.monotonic()
+    await send_json_payload(send, status, payload, [*raw, *extra])
+
+
 class ErrorAnswer:
     """A backend's error answer, translated into the route's error shape."""
 
@@ -380,10 +400,7 @@ class ErrorAnswer:
         ex.first_byte = time.monotonic()
         ex.status = self.status
         if ex.started:  # loading progress began an event stream: the error goes into it
-            event = b"data: " + self.body + b"\n\n"
-            ex.done = True
-            ex.sent += len(event)
-            await send({"type": "http.response.body", "body": event, "more_body": False})
+            await ex.end_stream(send, b"data: " + self.body + b"\n\n")
             return
         # Both flags at once: the answer is whole in hand, nothing is left to cancel.
         ex.started = ex.done = True

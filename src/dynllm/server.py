@@ -50,7 +50,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from dynllm.config import Config
 from dynllm.errors import DynllmError, RequestTimeout, Shape, TooManyConnections
-from dynllm.proxy import send_json_payload
+from dynllm.proxy import send_error
 
 log = logging.getLogger("dynllm.server")
 
@@ -233,10 +233,8 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if cycle.response_started:  # the app answered meanwhile
             self.transport.close()
             return
-        status, headers, payload = error.render(shape_of(cycle.scope["path"]))
-        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         send = cast(Send, cycle.send)  # uvicorn types its events; the messages are the same
-        await send_json_payload(send, status, payload, [*raw, CLOSE_HEADER])
+        await send_error(send, error, shape_of(cycle.scope["path"]), [CLOSE_HEADER])
         # Whatever the app still sends goes nowhere, as for a client that left
         # (not a RuntimeError for a second response).
         cycle.disconnected = True
@@ -247,9 +245,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             "try again shortly",
             retry_after=1,
         )
-        status, headers, payload = error.render(shape_of(scope["path"]))
-        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        await send_json_payload(send, status, payload, [*raw, CLOSE_HEADER])
+        await send_error(send, error, shape_of(scope["path"]), [CLOSE_HEADER])
 
 
 def protocol_for(config: Config) -> type[LimitedHttpProtocol]:

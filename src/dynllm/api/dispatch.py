@@ -59,7 +59,14 @@ from dynllm.errors import (
     WrongModelType,
 )
 from dynllm.events import ModelState
-from dynllm.proxy import Answer, BackendGone, Exchange, forward, send_json_payload
+from dynllm.proxy import (
+    Answer,
+    BackendGone,
+    Exchange,
+    forward,
+    send_error,
+    send_json_payload,
+)
 from dynllm.registry import ApiFamily, check_family
 from dynllm.requestlog import RequestRecord
 from dynllm.scheduler import Lease, Slot
@@ -72,12 +79,6 @@ JSON = "application/json"
 _INTERNAL = DynllmError("Internal error in dynllm; see its log")
 CLIENT_LEFT = 499  # nginx's "client closed request": no status reached anyone
 _PROGRESS_FAMILIES = frozenset({ApiFamily.CHAT, ApiFamily.COMPLETIONS, ApiFamily.RESPONSES})
-
-
-async def send_error(send: Send, exc: DynllmError, shape: Shape = Shape.OPENAI) -> None:
-    status, headers, payload = exc.render(shape)
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    await send_json_payload(send, status, payload, raw)
 
 
 async def send_json(send: Send, status: int, data: Any) -> None:
@@ -484,8 +485,4 @@ async def _reply_error(
             return
         if ex.started:
             return  # too late for a status
-        status, headers, payload = exc.render(shape)
-        raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-        ex.started = ex.done = True
-        ex.status, ex.sent, ex.first_byte = status, len(payload), time.monotonic()
-        await send_json_payload(send, status, payload, raw)
+        await send_error(send, exc, shape, ex=ex)

@@ -15,9 +15,10 @@ from fastapi import APIRouter, FastAPI
 from starlette.types import Send
 
 from dynllm import __version__
-from dynllm.api.dispatch import send_error, send_json
+from dynllm.api.dispatch import send_json
 from dynllm.api.routes import KServePath
 from dynllm.errors import DynllmError, MethodNotAllowed, Shape
+from dynllm.proxy import send_error
 
 if TYPE_CHECKING:
     from dynllm.app import Services
