@@ -11,7 +11,7 @@ import pytest
 
 from dynllm import catalog as cat
 from dynllm.config import BackendName, ModelType, parse_config
-from dynllm.discovery import Found, FoundFile, Kind, ModelMeta, Scan
+from dynllm.discovery import Found, FoundFile, Kind, ModelMeta, Scan, backends_for
 from dynllm.errors import BadRequest
 
 META = ModelMeta(
@@ -27,11 +27,7 @@ META = ModelMeta(
 
 def found(root: Path, name: str, kind: Kind = Kind.GGUF, **extra: Any) -> Found:
     path = root / (name + ".gguf" if kind is Kind.GGUF else name)
-    backends = {
-        Kind.GGUF: (BackendName.LLAMACPP,),
-        Kind.HF: (BackendName.VLLM, BackendName.TRANSFORMERS),
-        Kind.OPENVINO: (BackendName.OPENVINO,),
-    }[kind]
+    backends = backends_for(kind, tuple(BackendName))
     fields: dict[str, Any] = {
         "name": name,
         "root": root,
@@ -245,3 +241,13 @@ def test_huge_numbers_are_forever_not_errors() -> None:
     assert cat.parse_request({"keep_alive": -(10**400)}).keep == math.inf
     with pytest.raises(BadRequest, match="n_ctx"):
         cat.parse_request({"n_ctx": 10**5000})
+
+
+def test_backends_enabled_by_a_reload_serve_what_the_last_scan_found(tmp_path: Path) -> None:
+    """The scan ran with only llamacpp enabled; a reload enabling transformers
+    serves the HF folder at once, from the same scan."""
+    scanned = found(tmp_path, "h", Kind.HF, backends=())
+    before = cat.build(config(tmp_path, enabled_backends=["llamacpp"]), Scan((scanned,), ()))
+    assert before.config.models == [] and "transformers" in before.problems[0]
+    after = cat.build(config(tmp_path, enabled_backends=["llamacpp", "transformers"]), before.scan)
+    assert [(m.name, m.backend) for m in after.config.models] == [("h", "transformers")]

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 from dynllm.api.bodies import REQUEST_FIELDS
 from dynllm.backends import type_problem
 from dynllm.config import _BACKEND_ONLY_KEYS, BackendName, Config, ModelConfig
-from dynllm.discovery import Found, Kind, Scan
+from dynllm.discovery import Found, Kind, Scan, backends_for
 from dynllm.errors import BadRequest
 from dynllm.estimate import Estimate, estimate
 
@@ -48,9 +48,7 @@ MAX_LIVE_VARIANTS = 8
 """Variants with a process at once; a request for another new one gets 503."""
 
 _DEVICE = re.compile(r"(cpu|cuda|gpu|auto|npu|mps)(:\d{1,3})?", re.IGNORECASE)
-_GGUF_BACKENDS = (BackendName.LLAMACPP,)
-_HF_BACKENDS = (BackendName.VLLM, BackendName.TRANSFORMERS)
-_IR_BACKENDS = (BackendName.OPENVINO,)
+_HF_BACKENDS = backends_for(Kind.HF, tuple(BackendName))
 
 
 class Source(StrEnum):
@@ -151,10 +149,11 @@ def build(yaml: Config, scan: Scan, variants: Mapping[str, Variant] | None = Non
         base = by_name.get(variant.base)
         if base is None or name in labels:
             continue
-        meta = discovered[base.name].found.meta if base.name in discovered else None
+        entry = discovered.get(base.name)
+        meta = entry.found.meta if entry is not None else None
         try:  # its base may have changed under it (a reload): then it goes
+            _effective(yaml, _allowed_backends(entry, base), base, dict(variant.settings))
             spec = _variant_spec(yaml, base, meta, name, dict(variant.settings))
-            _effective_for(yaml, base, dict(variant.settings))
         except (ValidationError, BadRequest) as exc:
             problems.append(f"variant '{name}' dropped: {_reason(exc)}")
             continue
@@ -185,17 +184,6 @@ def _reason(exc: Exception) -> str:
     return str(exc)
 
 
-def _effective_for(config: Config, base: ModelConfig, settings: Mapping[str, Any]) -> None:
-    """Raise BadRequest if ``settings`` no longer suit ``base`` (a backend
-    it cannot use any more, one no longer enabled)."""
-    backend = settings.get("backend")
-    if backend is not None and backend is not base.backend:
-        if backend not in config.enabled_backends:
-            raise BadRequest(f"backend '{backend.value}' is no longer enabled")
-        if base.backend not in _HF_BACKENDS or backend not in _HF_BACKENDS:
-            raise BadRequest(f"'{base.name}' can no longer run on '{backend.value}'")
-
-
 def _resolved(path: Path) -> Path | None:
     try:
         return path.resolve()
@@ -205,9 +193,10 @@ def _resolved(path: Path) -> Path | None:
 
 def discovered_spec(config: Config, found: Found) -> tuple[ModelConfig | None, str]:
     """The entry a discovered model is served by, or None and why not."""
-    enabled = [b for b in found.backends if b in config.enabled_backends]
+    # The backends enabled now (a reload may have changed them since the scan).
+    enabled = backends_for(found.kind, config.enabled_backends)
     if not enabled:
-        wanted = ", ".join(b.value for b in _backends_of(found.kind))
+        wanted = ", ".join(b.value for b in backends_for(found.kind, tuple(BackendName)))
         return None, f"no enabled backend serves it (add {wanted} to enabled_backends)"
     problem = ""
     for backend in enabled:  # the first that serves its model type
@@ -247,14 +236,6 @@ def _spec_on(config: Config, found: Found, backend: BackendName) -> tuple[ModelC
     if (problem := type_problem(spec)) is not None:
         return None, problem
     return spec.model_copy(update={"vram_mb": _vram_mb(config, found.meta, spec)}), ""
-
-
-def _backends_of(kind: Kind) -> tuple[BackendName, ...]:
-    if kind is Kind.GGUF:
-        return _GGUF_BACKENDS
-    if kind is Kind.OPENVINO:
-        return _IR_BACKENDS
-    return _HF_BACKENDS
 
 
 def runs_on_gpu(spec: ModelConfig) -> bool:
@@ -431,7 +412,8 @@ def variant_for(
     base = next(m for m in catalog.config.models if m.name == base_name)
     merged = dict(catalog.variants[spec.name].settings) if spec.name in catalog.variants else {}
     merged.update(settings)
-    wanted = _effective(catalog, base, merged)
+    allowed = _allowed_backends(catalog.discovered.get(base_name), base)
+    wanted = _effective(catalog.config, allowed, base, merged)
     if not wanted:
         return None  # settings that match the model's own (or that its backend ignores)
     if catalog.source(base_name) is Source.CONFIG and not base.allow_request_overrides:
@@ -448,24 +430,26 @@ def _show(value: Any) -> str:
     return value.value if isinstance(value, StrEnum) else str(value)
 
 
-def _allowed_backends(catalog: Catalog, base: ModelConfig) -> tuple[BackendName, ...]:
-    entry = catalog.discovered.get(base.name)
+def _allowed_backends(entry: Discovered | None, base: ModelConfig) -> tuple[BackendName, ...]:
+    """The backends that could run ``base``'s file (enabled or not)."""
     if entry is not None:
-        return _backends_of(entry.found.kind)
+        return backends_for(entry.found.kind, tuple(BackendName))
     if base.backend in _HF_BACKENDS:
         return _HF_BACKENDS
     return (base.backend,)
 
 
 def _effective(
-    catalog: Catalog, base: ModelConfig, settings: Mapping[str, Any]
+    config: Config,
+    allowed: tuple[BackendName, ...],
+    base: ModelConfig,
+    settings: Mapping[str, Any],
 ) -> tuple[tuple[str, Any], ...]:
-    """The settings that make a difference for ``base``, checked and in a
-    fixed order (so one set of settings always names one variant)."""
-    config = catalog.config
+    """The settings that make a difference for ``base`` (whose file the
+    ``allowed`` backends can run), checked and in a fixed order (so one set
+    of settings always names one variant)."""
     backend = settings.get("backend", base.backend)
     if backend is not base.backend:
-        allowed = _allowed_backends(catalog, base)
         if backend not in allowed:
             raise BadRequest(
                 f"backend: '{backend.value}' cannot serve '{base.name}'; it can be served by "
