@@ -24,7 +24,7 @@ from dynllm.errors import (
     Unavailable,
 )
 from dynllm.events import LifecycleEvent, Reason
-from dynllm.reload import ReloadPlan
+from dynllm.reload import plan_reload
 from dynllm.scheduler import Handle, ModelState, PortTaken, Scheduler, out_of_memory
 from dynllm.store import columns
 
@@ -672,11 +672,6 @@ async def test_replace_waits_for_the_exit_report_then_restarts() -> None:
     assert s.slots["A"].in_flight == 0
 
 
-def _plan(**parts: tuple[str, ...]) -> ReloadPlan:
-    fields = {"added": (), "changed": (), "removed": (), "updated": (), "restart_needed": ()}
-    return ReloadPlan(**{**fields, **parts})  # type: ignore[arg-type]
-
-
 async def test_a_model_removed_and_back_before_it_stopped_keeps_its_slot_and_process() -> None:
     """A file replaced between two scans: the model is removed while busy,
     then added back; its running backend stays booked (no second process,
@@ -685,8 +680,8 @@ async def test_a_model_removed_and_back_before_it_stopped_keeps_its_slot_and_pro
     held = await s.acquire(spec(s, "A"))
     config = s.config
     without = config.model_copy(update={"models": [m for m in config.models if m.name != "A"]})
-    s.reconfigure(without, _plan(removed=("A",)))
-    s.reconfigure(config, _plan(added=("A",)))
+    s.reconfigure(without, plan_reload(config, without))
+    s.reconfigure(config, plan_reload(without, config))
     slot = s.slots["A"]
     assert not slot.retiring and slot.state is ModelState.READY and s.used_vram_mb() == 6000
     held.release()
@@ -695,8 +690,8 @@ async def test_a_model_removed_and_back_before_it_stopped_keeps_its_slot_and_pro
     assert fx.starts("A") == 1  # the same process
     # A later reconfigure that removes nothing still retires what an earlier one removed.
     held = await s.acquire(spec(s, "A"))
-    s.reconfigure(without, _plan(removed=("A",)))
-    s.reconfigure(without, _plan(added=()))
+    s.reconfigure(without, plan_reload(config, without))
+    s.reconfigure(without, plan_reload(without, without))
     held.release()
     await settle()
     assert "A" not in s.slots and s.used_vram_mb() == 0

@@ -38,7 +38,7 @@ from dynllm.discovery import HeaderCache, Scan, scan, scan_one
 from dynllm.errors import BadRequest, InvalidConfig, ModelNotFound, Unavailable
 from dynllm.events import ModelState
 from dynllm.registry import Registry
-from dynllm.reload import ReloadPlan, plan_reload
+from dynllm.reload import ReloadPlan, plan_reload, restart_needed
 
 if TYPE_CHECKING:
     from dynllm.app import Front, Services
@@ -113,7 +113,7 @@ class Reloader:
             message = f"The new config is invalid; the running one stays: {exc}"
             raise InvalidConfig(message) from None
         # What only a restart can change stays as it runs.
-        restart = plan_reload(old.yaml, new).restart_needed
+        restart = restart_needed(old.yaml, new)
         new = new.model_copy(update={"server": old.yaml.server, "db_path": old.yaml.db_path})
         # The last scan stays until the next one: new folders are scanned right
         # after (below); files of folders no longer listed go with that scan.
@@ -226,7 +226,8 @@ class Reloader:
         not_found = ModelNotFound(f"The model '{label}' does not exist")
         if not current.dirs or not label or "\x00" in label or len(label) > 4096:
             raise not_found
-        candidates = _candidates(label, current.dirs)
+        roots = _resolved_dirs(current.dirs)
+        candidates = _candidates(label, current.dirs, roots)
         for path in candidates:
             name = current.paths.get(path)
             if name is not None:
@@ -240,7 +241,8 @@ class Reloader:
         if inside:
             return self.services.registry.get(inside[0])
         for path in candidates:
-            if _skipped(path, current.dirs) or self._refused.get(path) == _stamp(path):
+            refused = self._refused.get(path)
+            if _skipped(path, roots) or (refused is not None and refused == _stamp(path)):
                 continue
             scans = self._scans
             found = await asyncio.to_thread(
@@ -279,10 +281,11 @@ class Reloader:
         return plan
 
 
-def _candidates(label: str, dirs: tuple[Path, ...]) -> list[Path]:
+def _candidates(label: str, dirs: tuple[Path, ...], roots: list[Path]) -> list[Path]:
     """Where ``label`` may point: itself if absolute, else under each models
     folder; with and without ``.gguf``; resolved (symlinks, ``..``) and
-    kept only when inside a models folder."""
+    kept only when it exists inside a models folder (``roots``: the
+    folders resolved)."""
     raw = Path(label)
     bases = [raw] if raw.is_absolute() else [d / raw for d in dirs]
     out: list[Path] = []
@@ -295,17 +298,17 @@ def _candidates(label: str, dirs: tuple[Path, ...]) -> list[Path]:
                     continue
             except (OSError, RuntimeError, ValueError):
                 continue
-            if resolved not in out and any(_within(resolved, d) for d in _resolved_dirs(dirs)):
+            if resolved not in out and any(_within(resolved, d) for d in roots):
                 out.append(resolved)
     return out
 
 
-def _skipped(path: Path, dirs: tuple[Path, ...]) -> bool:
+def _skipped(path: Path, roots: list[Path]) -> bool:
     """What a folder scan skips: hidden entries (a download's
     ``.cache/huggingface``) and partial files."""
     if path.name.endswith((".incomplete", ".part")):
         return True
-    for folder in _resolved_dirs(dirs):
+    for folder in roots:
         if _within(path, folder):
             return any(part.startswith(".") for part in path.relative_to(folder).parts)
     return False

@@ -69,6 +69,11 @@ def process_identity(config: Config, model: ModelConfig) -> tuple[object, ...]:
     )
 
 
+def restart_needed(old: Config, new: Config) -> tuple[str, ...]:
+    """The settings that differ and only take effect when dynllm restarts."""
+    return tuple(key for key, read in _NEEDS_RESTART.items() if read(old) != read(new))
+
+
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
     before = {m.name: m for m in old.models}
     after = {m.name: m for m in new.models}
@@ -83,5 +88,5 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
         changed=tuple(sorted(changed)),
         removed=tuple(sorted(before.keys() - after.keys())),
         updated=tuple(sorted(updated)),
-        restart_needed=tuple(key for key, read in _NEEDS_RESTART.items() if read(old) != read(new)),
+        restart_needed=restart_needed(old, new),
     )

@@ -193,13 +193,8 @@ class Slot:
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
     since: float | None = None
     """When the model entered its state (scheduler clock); None before its first move."""
-    load_reason: Reason = Reason.REQUESTED
-    """Why the current (or last) load began: its events all carry it."""
     cancel_reason: Reason | None = None
     """Why the current load was cancelled, once it is."""
-    unload_reason: Reason = Reason.IDLE
-    unload_detail: str | None = None
-    """Why the current (or last) unload began: its events all carry it."""
     next_spec: ModelConfig | None = None
     """A reloaded config changed how its backend starts: the new settings,
     taken once the running backend is idle and stopped."""
@@ -564,13 +559,7 @@ class Scheduler:
         self._used.add(slot)  # written by flush_usage(), not per request
         if slot.in_flight == 0:
             self._pump()
-            if (
-                keep == 0
-                and slot.state is ModelState.READY
-                and not slot.busy
-                and not slot.spec.pinned
-                and not self._closing
-            ):
+            if keep == 0 and _may_unload_idle(slot) and not self._closing:
                 self._begin_unload(slot, Reason.IDLE, "its last request asked for keep_alive 0")
 
     # ---- loading -------------------------------------------------------------------
@@ -582,9 +571,9 @@ class Scheduler:
         slot.load = load
         # Nobody may be waiting (preload, admin load): don't warn about it.
         load.add_done_callback(lambda f: f.cancelled() or f.exception())
-        slot.load_reason, slot.cancel_reason = reason, None
+        slot.cancel_reason = None
         self._move(slot, ModelState.LOADING, reason)
-        task = asyncio.create_task(self._load(slot, stops), name=f"load-{slot.name}")
+        task = asyncio.create_task(self._load(slot, stops, reason), name=f"load-{slot.name}")
         slot.load_task = task
         # A done callback, not a try/finally in _load: a task cancelled before
         # its first step never runs its body, and must not leave LOADING behind.
@@ -601,10 +590,12 @@ class Scheduler:
             slot.cancel_reason = reason
             task.cancel()
 
-    async def _load(self, slot: Slot, stops: list[asyncio.Task[None]]) -> None:
+    async def _load(self, slot: Slot, stops: list[asyncio.Task[None]], reason: Reason) -> None:
+        """Stop the victims, then start the backend; ``reason``: why the load
+        began (its READY event carries it)."""
         await _wait_stops(stops)
         try:
-            await self._start(slot)
+            await self._start(slot, reason)
         except BackendExited as exc:
             victims = self._oom_victims(slot, exc)
             if not victims:
@@ -617,7 +608,7 @@ class Scheduler:
             )
             detail = f"'{slot.name}' ran out of GPU memory while loading"
             await _wait_stops([self._begin_unload(v, Reason.EVICTED, detail) for v in victims])
-            await self._start(slot)  # once: a second failure is a failure
+            await self._start(slot, reason)  # once: a second failure is a failure
 
     def _oom_victims(self, slot: Slot, exc: BackendExited) -> list[Slot]:
         """The idle models to evict before retrying a load that ran out of
@@ -674,7 +665,7 @@ class Scheduler:
         slot.cooldown_until = self._clock() + seconds
         return f"failed to load {slot.failures} time(s) in a row; not tried again for {seconds:g} s"
 
-    async def _start(self, slot: Slot) -> None:
+    async def _start(self, slot: Slot, reason: Reason) -> None:
         for attempt in range(1, PORT_ATTEMPTS + 1):
             port = self.ports.lease()
             try:
@@ -697,7 +688,7 @@ class Scheduler:
             slot.last_error = None
             slot.failures, slot.cooldown_until = 0, None
             slot.stopped = asyncio.Event()
-            self._move(slot, ModelState.READY, slot.load_reason, at=now_wall)
+            self._move(slot, ModelState.READY, reason, at=now_wall)
             return
         raise BackendStartFailed(
             f"backend for '{slot.name}' could not bind a port after {PORT_ATTEMPTS} tries"
@@ -708,18 +699,19 @@ class Scheduler:
         self, slot: Slot, reason: Reason, detail: str | None = None
     ) -> asyncio.Task[None]:
         assert slot.handle is not None
-        slot.unload_reason, slot.unload_detail = reason, detail
         self._move(slot, ModelState.UNLOADING, reason, detail)
-        task = asyncio.create_task(self._unload(slot, slot.handle), name=f"unload-{slot.name}")
+        task = asyncio.create_task(
+            self._unload(slot, slot.handle, reason, detail), name=f"unload-{slot.name}"
+        )
         self._unloads.add(task)
         task.add_done_callback(self._unloads.discard)
         return task
 
-    async def _unload(self, slot: Slot, handle: Handle) -> None:
+    async def _unload(self, slot: Slot, handle: Handle, reason: Reason, detail: str | None) -> None:
         try:
             await self.effects.stop(handle)
         finally:
-            self._backend_gone(slot, slot.unload_reason, slot.unload_detail)
+            self._backend_gone(slot, reason, detail)
 
     def _backend_gone(self, slot: Slot, reason: Reason, detail: str | None) -> None:
         """The process is gone: free its port and VRAM, wake whoever waits."""
@@ -848,9 +840,7 @@ class Scheduler:
         return [
             s
             for s in self.slots.values()
-            if s.state is ModelState.READY
-            and not s.busy
-            and not s.spec.pinned  # pinned: only unloaded by hand
+            if _may_unload_idle(s)
             and not math.isinf(timeout := self.unload_after(s))
             and now - s.last_used >= timeout
         ]
@@ -915,6 +905,12 @@ class Scheduler:
 
     def used_vram_mb(self) -> int:
         return ledger.used_mb(self.residents())
+
+
+def _may_unload_idle(slot: Slot) -> bool:
+    """Ready, nothing in flight or waiting, and not pinned (pinned models
+    are only unloaded by hand)."""
+    return slot.state is ModelState.READY and not slot.busy and not slot.spec.pinned
 
 
 async def _wait_stops(stops: list[asyncio.Task[None]]) -> None:
