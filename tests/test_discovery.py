@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 import pytest
 
+from dynllm import discovery
 from dynllm.config import BackendName, ModelType
 from dynllm.discovery import (
     Found,
@@ -32,7 +33,7 @@ from dynllm.discovery import (
 from dynllm.ggufheader import GGUFError, read_header
 from tests.support.llama_run import running_llama_server
 from tests.support.tiny_gguf import write_tiny_embedding, write_tiny_llama
-from tests.support.tiny_split import rewrite_gguf, write_mmproj, write_split_llama
+from tests.support.tiny_split import rewrite_gguf, tensor_bytes, write_mmproj, write_split_llama
 
 ALL = (BackendName.LLAMACPP, BackendName.OPENVINO, BackendName.TRANSFORMERS, BackendName.VLLM)
 NO_VLLM = (BackendName.LLAMACPP, BackendName.OPENVINO, BackendName.TRANSFORMERS)
@@ -110,8 +111,7 @@ def test_single_gguf_is_one_model_named_by_its_relative_path(tmp_path: Path, tin
     meta = found.meta
     assert (meta.architecture, meta.layers, meta.kv_heads) == ("llama", 2, 4)
     assert (meta.head_dim_k, meta.head_dim_v, meta.train_context) == (16, 16, 4096)
-    reader = gguf.GGUFReader(tiny)
-    assert meta.weight_bytes == sum(int(t.n_bytes) for t in reader.tensors)
+    assert meta.weight_bytes == tensor_bytes(tiny)
 
 
 def test_gguf_without_llamacpp_enabled_has_no_backend(tmp_path: Path, tiny: Path) -> None:
@@ -135,8 +135,7 @@ def test_split_gguf_is_one_model_and_its_shards_are_not(tmp_path: Path) -> None:
     assert [f.name for f in found.files] == [p.name for p in shards]
     assert found.size == sum(p.stat().st_size for p in shards)
     # The weights are the tensors of every shard, metadata from the first.
-    tensor_bytes = sum(int(t.n_bytes) for p in shards for t in gguf.GGUFReader(p).tensors)
-    assert found.meta.weight_bytes == tensor_bytes
+    assert found.meta.weight_bytes == sum(tensor_bytes(p) for p in shards)
     assert (found.meta.layers, found.meta.train_context) == (2, 4096)
     # Each shard carries what gguf-split writes.
     for index, shard in enumerate(shards):
@@ -517,13 +516,23 @@ def test_overlapping_folders_list_a_model_once(tmp_path: Path, tiny: Path) -> No
 
 
 def test_names_are_stable_across_scans_and_the_cache_rereads_changed_files(
-    tmp_path: Path, tiny: Path
+    tmp_path: Path, tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    reads: list[str] = []
+
+    def counted(path: Path) -> Any:
+        reads.append(path.name)
+        return read_header(path)
+
+    monkeypatch.setattr(discovery, "read_header", counted)
     for name in ("z/last.gguf", "a/first.gguf", "m/mid.gguf"):
         put(tiny, tmp_path / name)
     cache = HeaderCache()
     one = scan([tmp_path], ALL, cache)
+    assert sorted(reads) == ["first.gguf", "last.gguf", "mid.gguf"]
+    reads.clear()
     two = scan([tmp_path], ALL, cache)
+    assert reads == []  # nothing changed: every header from the cache
     assert names(one) == names(two) == ["a/first", "m/mid", "z/last"]
     assert one == two
     assert len(cache) == 3
@@ -531,6 +540,7 @@ def test_names_are_stable_across_scans_and_the_cache_rereads_changed_files(
     write_tiny_llama(tmp_path / "m" / "mid.gguf", n_layer=3)
     (tmp_path / "z" / "last.gguf").unlink()
     three = scan([tmp_path], ALL, cache)
+    assert reads == ["mid.gguf"]
     assert names(three) == ["a/first", "m/mid"]
     assert by_name(three)["m/mid"].meta.layers == 3
     assert len(cache) == 2
@@ -598,8 +608,7 @@ def test_header_reader_survives_every_truncation_and_random_damage(tmp_path: Pat
             outcomes["error"] += 1
         else:
             outcomes["read"] += 1
-    print(f"damaged headers: {outcomes}")
-    assert outcomes["error"] >= len(cuts)
+    print(f"damaged headers: {outcomes}")  # (anything but GGUFError would have failed above)
 
 
 # ---- the reader against the gguf package's --------------------------------------------
@@ -626,18 +635,6 @@ def test_header_reader_agrees_with_gguf_reader(tmp_path: Path) -> None:
         assert ours.metadata == expected, path.name
         assert ours.tensor_count == len(theirs.tensors)
         assert ours.tensor_bytes == sum(int(t.n_bytes) for t in theirs.tensors)
-
-
-def test_a_scan_with_the_header_cache_finds_the_same_models(tmp_path: Path, tiny: Path) -> None:
-    """(What scans cost is measured by ``uv run python -m bench.micro_discovery``.)"""
-    root = tmp_path / "models"
-    for index in range(40):
-        put(tiny, root / f"family{index % 4}" / f"model-{index:03d}.gguf")
-    cold = scan([root], ALL)
-    cache = HeaderCache()
-    assert scan([root], ALL, cache) == cold
-    assert scan([root], ALL, cache) == cold
-    assert len(cold.found) == 40
 
 
 # ---- scan_one ------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ own, so every request passes ``max_tokens``).
 
 from __future__ import annotations
 
+import contextlib
 import io
-import subprocess
+import itertools
 import time
 import wave
 from collections.abc import Callable, Iterator
@@ -22,9 +23,9 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import ConfigFactory, poll, serve
+from tests.conftest import ConfigFactory, serve
 from tests.support.binaries import llama_server_binary
-from tests.support.net import free_port, http_ok
+from tests.support.llama_run import running_llama_server
 from tests.support.tiny_mmproj import write_tiny_audio_mmproj
 
 # A 1 s clip still becomes ~750 audio tokens (Whisper pads to its 30 s window,
@@ -52,37 +53,18 @@ def projector(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def llama_server(models_dir: Path) -> Iterator[Callable[..., httpx.Client]]:
+def llama_server(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., httpx.Client]]:
     """Starts real llama-servers on free ports; stops and reaps every one."""
-    procs: list[subprocess.Popen[bytes]] = []
+    numbers = itertools.count()
+    with contextlib.ExitStack() as stack:
 
-    def start(*extra: str) -> httpx.Client:
-        port = free_port()
-        proc = subprocess.Popen(
-            [llama_server_binary(), "-m", str(models_dir / "tiny.gguf"),
-             "--host", "127.0.0.1", "--port", str(port), "-c", str(CONTEXT),
-             "-ngl", "0", "-t", "1", "--no-webui", *extra],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        procs.append(proc)
-        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False)
-        clients.append(http)
-        poll(lambda: proc.poll() is not None or http_ok(http), timeout=30)
-        assert proc.poll() is None, f"llama-server exited with {proc.returncode}"
-        return http
+        def start(*extra: str) -> httpx.Client:
+            log = tmp_path / f"llama-server-{next(numbers)}.log"
+            return stack.enter_context(
+                running_llama_server(models_dir / "tiny.gguf", log, *extra, context=CONTEXT)
+            )
 
-    clients: list[httpx.Client] = []
-    yield start
-    for http in clients:
-        http.close()
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        yield start
 
 
 def test_llama_server_transcribes_with_the_tiny_projector(

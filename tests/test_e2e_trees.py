@@ -97,7 +97,6 @@ async def test_unload_stops_the_whole_tree(make_config: ConfigFactory, tmp_path:
             print(f"unload answered after {answered:.3f} s; {report('unload', when)}")
             # (The reaped check above is the guarantee; the watcher only sees a
             # death at its next look, up to one poll plus scheduling later.)
-            assert max(when.values()) <= answered + 0.05
             assert when["daemon"] < 0.5 and when["main"] < 0.5  # they obey SIGTERM
             assert GRACE <= when["ignorer"] < GRACE + 1.0  # SIGKILL at the grace
             assert (await app.admin_models())["tree"]["status"] == "unloaded"

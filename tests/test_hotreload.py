@@ -23,7 +23,7 @@ from tests.conftest import ConfigFactory, RunningApp, apoll, poll, serve, subpro
 from tests.test_dispatch import fake_model
 
 
-def models(**changed: dict[str, Any]) -> list[dict[str, Any]]:
+def models() -> list[dict[str, Any]]:
     return [fake_model("A"), fake_model("B"), fake_model("C")]
 
 

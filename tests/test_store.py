@@ -124,6 +124,25 @@ async def test_unknown_column_is_refused(tmp_path: Path) -> None:
         await store.close()
 
 
+async def test_download_jobs_are_kept_updated_and_forgotten(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db", "m1")
+    await store.open()
+    try:
+        store.record_download("a", {"job_id": "a", "status": "queued"})
+        store.record_download("b", {"job_id": "b", "status": "queued"})
+        store.record_download("a", {"job_id": "a", "status": "completed"})
+        assert await store.flush()
+        assert await store.downloads() == [
+            {"job_id": "a", "status": "completed"}, {"job_id": "b", "status": "queued"}
+        ]  # fmt: skip
+        store.forget_download("a")
+        assert await store.flush()
+        assert await store.downloads() == [{"job_id": "b", "status": "queued"}]
+        assert "a" not in store._jobs  # deleted on disk: not kept (nor re-sent) in memory
+    finally:
+        await store.close()
+
+
 async def test_reopen_keeps_rows_and_does_not_migrate_again(tmp_path: Path) -> None:
     for _ in range(2):
         store = Store(tmp_path / "state.db", "m1")

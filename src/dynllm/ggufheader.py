@@ -64,13 +64,11 @@ class GGUFError(ValueError):
 
 @dataclass(frozen=True)
 class Header:
-    version: int
     metadata: dict[str, Any]
     """Scalars, strings and numeric arrays of at most KEEP_ARRAY_MAX elements (as tuples)."""
     tensor_count: int
     tensor_bytes: int
     """Bytes of tensor data over this file's tensors, as their types and shapes say."""
-    file_size: int
 
 
 def _quant_sizes() -> dict[int, tuple[int, int]]:
@@ -212,13 +210,7 @@ def _parse(data: mmap.mmap | bytes) -> Header:
         if data_start + offset + nbytes > cur.size:
             raise GGUFError(f"truncated: tensor {name}'s data runs past the end of the file")
         total += nbytes
-    return Header(
-        version=version,
-        metadata=metadata,
-        tensor_count=n_tensors,
-        tensor_bytes=total,
-        file_size=cur.size,
-    )
+    return Header(metadata=metadata, tensor_count=n_tensors, tensor_bytes=total)
 
 
 def read_header(path: Path) -> Header:

@@ -533,6 +533,9 @@ class Store:
             for job_id in sorted(jobs):
                 await self._apply_job(job_id, self._jobs[job_id], now)
             await self.db.commit()
+            for job_id in jobs:  # a forgotten job, deleted on disk: nothing left to keep
+                if self._jobs.get(job_id, "") is None and job_id not in self._dirty_jobs:
+                    del self._jobs[job_id]
         except Exception as exc:  # the state file is a shadow: log, keep serving, retry
             self._dirty |= names
             self._dirty_jobs |= jobs

@@ -12,15 +12,10 @@ shards are byte-for-byte what a reader of real split files meets.
 :func:`write_gqa_llama` writes a tiny llama with fewer KV heads than query heads
 (grouped-query attention), which the VRAM estimate's tests need: ``tiny_gguf``
 always writes ``n_head_kv == n_head``.
-
-Command line::
-
-    python -m tests.support.tiny_split DIR STEM SHARDS
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,7 +30,6 @@ from tests.support.tiny_gguf import TinyModelSpec
 from tests.support.tiny_mmproj import write_tiny_audio_mmproj
 
 __all__ = [
-    "main",
     "rewrite_gguf",
     "shard_names",
     "split_gguf",
@@ -193,18 +187,3 @@ def write_mmproj(
 def tensor_bytes(path: Path) -> int:
     """Bytes of tensor data in one GGUF file, as its tensor infos declare them."""
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a tiny split GGUF model.")
-    parser.add_argument("directory", type=Path)
-    parser.add_argument("stem")
-    parser.add_argument("shards", type=int)
-    args = parser.parse_args(argv)
-    for path in write_split_llama(args.directory, args.stem, args.shards):
-        print(f"{path} ({path.stat().st_size / 2**10:.0f} KiB)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
