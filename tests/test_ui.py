@@ -25,8 +25,6 @@ from typing import Any
 import httpx
 import pytest
 
-from dynllm.app import create_app
-from tests import conftest
 from tests.conftest import ConfigFactory, RunningApp, serve
 from tests.support import envs
 
@@ -225,7 +223,7 @@ def _click(driver: Any, model: str, button: str) -> float:
 
 
 def drive_dashboard(
-    app_url: str, profile: Path, shots: list[Path], events: bool, busy: Callable[[], None]
+    app_url: str, profile: Path, shots: list[Path], busy: Callable[[], None]
 ) -> dict[str, Any]:
     """The user's steps, in the browser (a thread: the server runs in the
     test's loop).  ``busy()`` starts a long request to CODER once it is loaded."""
@@ -340,29 +338,23 @@ def drive_dashboard(
             ),
         )
         figures["log pane"] = _card(driver, CHAT).find_element(By.CSS_SELECTOR, ".log-status").text
+        assert figures["log pane"] == "live log", figures["log pane"]
         assert f"starting: alias={CHAT}" in log
 
         feed = driver.find_element(By.ID, "events-status")
-        if events:
-            _wait(
-                driver,
-                "the live feed",
-                lambda d: d.find_element(By.ID, "events-status").text == "live",
-            )
-            _wait(
-                driver,
-                "the load in the event feed",
-                lambda d: any(
-                    f"{CHAT} loading → loaded" in li.text
-                    for li in d.find_elements(By.CSS_SELECTOR, "#events li")
-                ),
-            )
-        else:
-            _wait(
-                driver,
-                "the missing feed",
-                lambda d: "unavailable" in d.find_element(By.ID, "events-status").text,
-            )
+        _wait(
+            driver,
+            "the live feed",
+            lambda d: d.find_element(By.ID, "events-status").text == "live",
+        )
+        _wait(
+            driver,
+            "the load in the event feed",
+            lambda d: any(
+                f"{CHAT} loading → loaded" in li.text
+                for li in d.find_elements(By.CSS_SELECTOR, "#events li")
+            ),
+        )
         figures["event feed"] = feed.text
         figures["in flight"] = _wait(
             driver,
@@ -392,14 +384,6 @@ def drive_dashboard(
     return figures
 
 
-async def _events_route_exists(app: RunningApp) -> bool:
-    """Whether this dynllm streams /admin/events yet (item 2 of issue 9)."""
-    headers = {"Authorization": f"Bearer {ADMIN}"}
-    async with app.client.stream("GET", "/admin/events", headers=headers) as response:
-        kind = response.headers.get("content-type", "")
-        return response.status_code == 200 and kind.startswith("text/event-stream")
-
-
 async def test_dashboard_in_headless_chromium(make_config: ConfigFactory, tmp_path: Path) -> None:
     _browser_or_skip()
     config = make_config(
@@ -411,7 +395,6 @@ async def test_dashboard_in_headless_chromium(make_config: ConfigFactory, tmp_pa
         total_vram_mb=BUDGET_MB,
     )
     async with serve(config) as app:
-        events = await _events_route_exists(app)
         shots = [tmp_path / "dashboard.png"]
         if os.environ.get("DYNLLM_UPDATE_SCREENSHOT") == "1":
             shots.append(SCREENSHOT)
@@ -435,7 +418,7 @@ async def test_dashboard_in_headless_chromium(make_config: ConfigFactory, tmp_pa
 
         try:
             figures = await asyncio.to_thread(
-                drive_dashboard, app.base_url, tmp_path / "profile", shots, events, busy
+                drive_dashboard, app.base_url, tmp_path / "profile", shots, busy
             )
         finally:
             for request in requests:
@@ -446,79 +429,3 @@ async def test_dashboard_in_headless_chromium(make_config: ConfigFactory, tmp_pa
         print(f"{name}: {value}")
     print(f"screenshot: {', '.join(map(str, shots))}")
     assert shots[0].read_bytes().startswith(b"\x89PNG")
-
-
-class WithoutLiveRoutes:
-    """dynllm as it was before the live routes: ``/admin/events`` is a 404 and
-    ``/admin/models/{m}/logs`` ignores ``follow`` (a JSON tail)."""
-
-    def __init__(self, front: Any) -> None:
-        self.front = front
-        self.state = front.state
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] == "/admin/events":
-            body = b'{"error":{"message":"Unknown route","type":"invalid_request_error"}}'
-            headers = [(b"content-type", b"application/json")]
-            await send({"type": "http.response.start", "status": 404, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        if scope["type"] == "http" and scope["path"].endswith("/logs"):
-            scope = {**scope, "query_string": b""}
-        await self.front(scope, receive, send)
-
-
-def drive_without_live_routes(app_url: str, profile: Path) -> dict[str, str]:
-    from selenium.webdriver.common.by import By
-
-    with chromium(profile) as driver:
-        driver.get(f"{app_url}/ui")
-        driver.find_element(By.ID, "admin-key").send_keys(ADMIN)
-        driver.find_element(By.ID, "key-save").click()
-        _wait(driver, "the models", lambda d: d.find_elements(By.CSS_SELECTOR, "article.model"))
-        _click(driver, CHAT, "load")
-        _wait(driver, f"{CHAT} loaded", lambda d: _state(d, CHAT) == "loaded")
-        feed = _wait(
-            driver,
-            "the missing feed",
-            lambda d: (
-                "live feed unavailable" in (t := d.find_element(By.ID, "events-status").text) and t
-            ),
-        )
-        assert "no event stream" in driver.find_element(By.ID, "events-empty").text
-        _click(driver, CHAT, "logs-toggle")
-        log = _wait(
-            driver,
-            "the log lines",
-            lambda d: (
-                "listening" in (t := _card(d, CHAT).find_element(By.CSS_SELECTOR, ".log").text)
-                and t
-            ),
-        )
-        assert f"starting: alias={CHAT}" in log
-        status = _card(driver, CHAT).find_element(By.CSS_SELECTOR, ".log-status").text
-        assert status.startswith("live log unavailable"), status
-        # Still the page of a working dynllm: unloading works and shows.
-        _click(driver, CHAT, "unload")
-        _wait(driver, f"{CHAT} unloaded", lambda d: _state(d, CHAT) == "unloaded")
-        assert _script_errors(driver) == []
-        return {"event feed": feed, "log pane": status}
-
-
-async def test_dashboard_without_the_live_routes(
-    make_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Against a dynllm without /admin/events and followed logs, the page says
-    so and keeps working (the log pane polls the last lines instead)."""
-    _browser_or_skip()
-    models = _models(tmp_path / "models")[:1]
-    config = make_config(models, models_dir=str(tmp_path / "models"), admin_api_keys=[ADMIN])
-    monkeypatch.setattr(
-        conftest, "create_app", lambda c, **kw: WithoutLiveRoutes(create_app(c, **kw))
-    )
-    async with serve(config) as app:
-        figures = await asyncio.to_thread(
-            drive_without_live_routes, app.base_url, tmp_path / "profile"
-        )
-    for name, value in figures.items():
-        print(f"{name}: {value}")

@@ -7,9 +7,8 @@
 //   GET  /admin/models/{m}/logs?follow  a model's log as SSE
 //   POST /admin/models/load | unload    the buttons (JSON bodies: admin POSTs need them)
 // The two SSE routes are read with fetch() and a stream reader, because
-// EventSource cannot send an Authorization header.  Without them (an older
-// dynllm) the page says so and keeps working: the event feed is marked
-// unavailable and a log pane falls back to polling the last lines.
+// EventSource cannot send an Authorization header.  This page is served by
+// the dynllm it talks to (CSP connect-src 'self'), so the routes are there.
 // Text from the server only ever goes into textContent, never into HTML.
 "use strict";
 
@@ -19,7 +18,7 @@
   const MAX_EVENTS = 200;
   const MAX_LOG_LINES = 2000;
   const FEED_RETRY_MS = [1000, 2000, 5000, 10000, 30000];
-  const FEED_MISSING_RETRY_MS = 60000;
+  const FEED_REFUSED_RETRY_MS = 60000;
 
   const $ = (id) => document.getElementById(id);
 
@@ -288,7 +287,6 @@
       fill: q(".fill"),
       vramText: q(".vram-text"),
       inFlight: q(".in-flight"),
-      queuedBox: q(".queued-box"),
       queued: q(".queued"),
       lastUsed: q(".last-used"),
       loadCount: q(".load-count"),
@@ -350,9 +348,7 @@
     );
 
     card.inFlight.textContent = String(m.in_flight ?? 0);
-    // "queued" appears in /admin/models with the per-model queue; older servers lack it.
-    card.queuedBox.hidden = !("queued" in m);
-    card.queued.textContent = String(m.queued ?? 0);
+    card.queued.textContent = String(m.queued);
     card.lastUsed.textContent = ago(m.last_used);
     card.lastUsed.title = m.last_used ? new Date(m.last_used * 1000).toLocaleString() : "";
     card.loadCount.textContent = String(m.load_count ?? 0);
@@ -484,10 +480,6 @@
     return data.length ? { event, data: data.join("\n") } : null;
   }
 
-  function isEventStream(response) {
-    return (response.headers.get("Content-Type") || "").startsWith("text/event-stream");
-  }
-
   /**
    * A stream that reconnects: ``open(signal)`` runs one connection and
    * returns the delay before the next try (null: do not retry).
@@ -546,15 +538,9 @@
       feedStatus("live feed disconnected; retrying…", "down");
       return FEED_RETRY_MS[Math.min(feedFailures++, FEED_RETRY_MS.length - 1)];
     }
-    if (response.status === 404 || (response.ok && !isEventStream(response))) {
-      feedStatus("live feed unavailable", "down");
-      $("events-empty").textContent =
-        "live feed unavailable: this dynllm has no event stream (/admin/events).";
-      return FEED_MISSING_RETRY_MS;
-    }
     if (response.status === 401 || response.status === 403) {
       feedStatus("live feed needs an admin key", "down");
-      return FEED_MISSING_RETRY_MS; // a new key restarts it at once
+      return FEED_REFUSED_RETRY_MS; // a new key restarts it at once
     }
     if (!response.ok) {
       feedStatus(`live feed unavailable (${response.status})`, "down");
@@ -634,13 +620,6 @@
     if (!response.ok) {
       logStatus(card, `log unavailable (${response.status}): ${await errorMessage(response)}`);
       return 5000;
-    }
-    if (!isEventStream(response)) {
-      // A dynllm without the live log answers the last lines as JSON.
-      const body = await response.json();
-      setLogLines(card, body.lines || []);
-      logStatus(card, "live log unavailable: the last lines, refreshed every 2 s");
-      return POLL_MS;
     }
     logStatus(card, "live log", "live");
     const lines = []; // the stream starts with the tail again on each connection
