@@ -83,10 +83,14 @@ class Catalog:
     discovered: Mapping[str, Discovered]
     served_as: Mapping[str, str]
     """A discovered name whose file a YAML model serves -> that model's name."""
-    dirs: tuple[Path, ...]
     problems: tuple[str, ...] = ()
     paths: Mapping[Path, str] = field(default_factory=dict)
     """Resolved model file or folder -> the name serving it."""
+
+    @property
+    def dirs(self) -> tuple[Path, ...]:
+        """The folders discovery scans (none with discovery off)."""
+        return model_dirs(self.yaml)
 
     def source(self, name: str) -> Source:
         return self.sources.get(name, Source.CONFIG)
@@ -172,7 +176,6 @@ def build(yaml: Config, scan: Scan, variants: Mapping[str, Variant] | None = Non
         sources=sources,
         discovered=discovered,
         served_as=served_as,
-        dirs=model_dirs(yaml),
         problems=tuple(problems),
         paths=paths,
     )
