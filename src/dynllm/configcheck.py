@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dynllm.backends import adapter_for, command_line, missing_binary
 from dynllm.config import Config, ConfigError, ModelConfig, load_config
-from dynllm.registry import SERVES
+from dynllm.registry import SERVES, Registry
 
 EXIT_CONFIG = 2
 
@@ -42,15 +42,6 @@ def load_or_exit(path: Path) -> Config:
 
 def _sizes(models: list[ModelConfig]) -> str:
     return ", ".join(f"{m.name} {m.vram_mb} MB" for m in models)
-
-
-def _by_label(config: Config) -> dict[str, ModelConfig]:
-    found = {}
-    for model in config.models:
-        found[model.name] = model
-        for alias in model.aliases:
-            found[alias] = model
-    return found
 
 
 def fit_problems(config: Config) -> list[str]:
@@ -74,10 +65,10 @@ def fit_problems(config: Config) -> list[str]:
             f"({_sizes(pinned)}): pinned models are never evicted, so once some are loaded "
             "the others cannot load until one is unloaded by hand"
         ]
-    labels = _by_label(config)
+    registry = Registry(config)
     preload: list[ModelConfig] = []
     for label in config.preload_models:
-        model = labels[label]  # load_config checked that every name exists
+        model = registry.get(label)  # load_config checked that every name exists
         if model not in preload:
             preload.append(model)
     together = preload + [m for m in pinned if m not in preload]
