@@ -13,6 +13,8 @@ from dynllm.hubfiles import (
     RepoRef,
     confine,
     default_destination,
+    human_size,
+    origin,
     parse_pull_spec,
     parse_repo,
     quant_of,
@@ -217,6 +219,19 @@ def test_repo_ids() -> None:
 )
 def test_pull_specs(spec: str, parsed: tuple[str, str | None]) -> None:
     assert parse_pull_spec(spec) == parsed
+
+
+def test_origins_fill_in_the_default_port() -> None:
+    assert origin("https://Hub.example/a") == origin("https://hub.example:443/b")
+    assert origin("http://hub.example/a") != origin("https://hub.example/a")
+    assert origin("http://hub.example:8080/") != origin("http://hub.example/")
+
+
+def test_sizes_for_people() -> None:
+    sizes = [0, 999, 1000, 2_670_944, 4_680_000_000, 1 << 50, 500_000.0]
+    assert [human_size(n) for n in sizes] == [
+        "0 B", "999 B", "1.0 kB", "2.7 MB", "4.7 GB", "1.1 PB", "500.0 kB",
+    ]  # fmt: skip
 
 
 # ---- destinations -------------------------------------------------------------------

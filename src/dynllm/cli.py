@@ -339,8 +339,9 @@ def client_target(args: argparse.Namespace, env: EnvSettings) -> Target:
     URL: ``--url``, else ``DYNLLM_URL``, else the config's ``server.host``/``port``
     (with ``--host``/``--port``/``DYNLLM_HOST``/``DYNLLM_PORT`` applied, as
     ``serve`` applies them; 0.0.0.0 and :: mean this machine).  Key:
-    ``DYNLLM_ADMIN_API_KEY``, else the first of ``DYNLLM_ADMIN_API_KEYS``, else
-    the config's first ``admin_api_keys``; with no admin key anywhere, the
+    ``--api-key`` (``pull`` has it), else ``DYNLLM_ADMIN_API_KEY``, else the
+    first of ``DYNLLM_ADMIN_API_KEYS``, else the config's first
+    ``admin_api_keys``; with no admin key anywhere, the
     first API key (admin routes then take any valid key from this machine).
     The config is read only when the URL or the key must come from it.
     """
@@ -348,8 +349,8 @@ def client_target(args: argparse.Namespace, env: EnvSettings) -> Target:
     source = "--url"
     if url is None and env.url:
         url, source = env.url, "DYNLLM_URL"
-    admin_keys = [*([env.admin_api_key] if env.admin_api_key else []),
-                  *_split_keys(env.admin_api_keys)]  # fmt: skip
+    given: list[str] = [k for k in (getattr(args, "api_key", None), env.admin_api_key) if k]
+    admin_keys = [*given, *_split_keys(env.admin_api_keys)]
     api_keys = _split_keys(env.api_keys)
     path = _config_path(args, env)
     named = args.config is not None or "config" in env.model_fields_set
@@ -374,10 +375,7 @@ def run_client(args: argparse.Namespace, env: EnvSettings) -> int:
 def run_pull(args: argparse.Namespace, env: EnvSettings) -> int:
     from dynllm import pull
 
-    target = client_target(args, env)
-    if args.api_key:
-        target = Target(target.url, args.api_key, target.source)
-    return pull.run(args, target)
+    return pull.run(args, client_target(args, env))
 
 
 # ---- demo ------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ jobs and moves them between states)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import time
@@ -180,8 +181,8 @@ class Job:
             "eta_seconds": round((total - done) / speed, 1) if speed > 0 and total else None,
             "error": self.error,
             "error_code": self.error_code,
-            "created_at": _iso(self.created_at),
-            "finished_at": _iso(self.finished_at),
+            "created_at": iso_time(self.created_at),
+            "finished_at": iso_time(self.finished_at),
         }
 
     @property
@@ -248,10 +249,12 @@ class Job:
         )
 
 
-def _iso(when: float | None) -> str | None:
-    if when is None:
+def iso_time(at: float | None) -> str | None:
+    """A time since the epoch as the API shows it (ISO 8601, UTC, seconds);
+    None for none, or for an infinite one (a model that never expires)."""
+    if at is None or not math.isfinite(at):
         return None
-    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
 
 
 def new_job_id() -> str:

@@ -73,12 +73,13 @@ from dynllm.hubfiles import (
     DEFAULT_ENDPOINT,
     confine,
     default_destination,
+    human_size,
     looks_like_url,
     parse_repo,
     quantizations,
     select_files,
 )
-from dynllm.hubio import check_access, fetch_listing, hub_error
+from dynllm.hubio import Listing, check_access, fetch_listing, hub_error
 
 if TYPE_CHECKING:
     from dynllm.config import Config
@@ -119,16 +120,6 @@ def disk_free(path: Path) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free
-
-
-def _mb(n: int) -> str:
-    """A size for people: 2.7 MB, 4.7 GB, 1.1 PB (decimal units, like disk makers)."""
-    value = float(n)
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if value < 1000:
-            return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} PB"
 
 
 # ---- the manager --------------------------------------------------------------------
@@ -235,9 +226,9 @@ class DownloadManager:
         if self.config.models_dir is None:
             return "models_dir is no longer set in the config"
         try:
-            confined = confine(self._models_dir(), str(job.destination))
+            confined: Path | None = confine(self._models_dir(), str(job.destination))
         except BadRequest:
-            return f"its destination {job.destination} is no longer under models_dir"
+            confined = None
         if confined != job.destination:
             return f"its destination {job.destination} is no longer under models_dir"
         if not job.files or job.commit is None:
@@ -279,9 +270,7 @@ class DownloadManager:
         chosen = select_files(
             listing.files, request.quantization, include, request.exclude, repo_id=ref.repo_id
         )
-        commit = listing.commit or revision or "main"
-        if listing.gated:
-            await self._hub(check_access, endpoint, token, ref.repo_id, commit, chosen[0].name)
+        commit = await self._pinned(endpoint, token, ref.repo_id, listing, revision, chosen[0].name)
         # No await from here on: the checks and the insertion are one step.
         for other in self._jobs.values():
             if other.status in ACTIVE and other.destination == destination:
@@ -328,10 +317,15 @@ class DownloadManager:
             run.wake.set()
             await run.finished.wait()
         elif job.status is JobStatus.QUEUED:
-            # Cancelled first: the pump must not start it while its files go.
-            self._finish(job, JobStatus.CANCELLED, "Cancelled before it started")
-            await asyncio.to_thread(_remove_job_files, job)
-            self.store.record_download(job.job_id, job.record())
+            # Held as running while its files go: the pump must not start it,
+            # and a second cancel waits for this one (as for a runner).
+            run = self._runs[job_id] = _Run(cancel=True)
+            try:
+                await self._cancelled(job, "Cancelled before it started")
+            finally:
+                self._runs.pop(job_id, None)
+                run.finished.set()
+                self._pump()
         return job
 
     async def verify(self, repo: str, revision: str | None = None) -> dict[str, Any]:
@@ -369,19 +363,24 @@ class DownloadManager:
             total_size=sum(f.size or 0 for f in listing.files),
             gguf_quantizations=quantizations(listing.files),
         )
-        if listing.gated and listing.files:
+        if listing.files:
             try:
-                await self._hub(
-                    check_access,
-                    endpoint,
-                    token,
-                    ref.repo_id,
-                    listing.commit or revision or "main",
-                    listing.files[0].name,
-                )
+                await self._pinned(endpoint, token, ref.repo_id, listing, revision,
+                                   listing.files[0].name)  # fmt: skip
             except (RepoGated, RepoNotFound) as exc:
                 result.update(accessible=False, error=exc.message)
         return result
+
+    async def _pinned(self, endpoint: str, token: str | None, repo_id: str, listing: Listing,
+                      revision: str | None, name: str) -> str:  # fmt: skip
+        """The commit a download of ``listing`` is pinned to (the listing's,
+        else the revision asked for).  For a gated repo, first the HEAD a
+        transfer starts with, on the file ``name``: RepoGated when the token
+        has not been granted access (the listing alone does not tell)."""
+        commit = listing.commit or revision or "main"
+        if listing.gated:
+            await self._hub(check_access, endpoint, token, repo_id, commit, name)
+        return commit
 
     # ---- decisions ----------------------------------------------------------------
     def _check_space(self, destination: Path, files: list[FileState]) -> None:
@@ -392,10 +391,11 @@ class DownloadManager:
         )
         free = self.free_bytes(destination)
         if need + others > free:
-            busy = f" (other downloads still need {_mb(others)})" if others else ""
+            busy = f" (other downloads still need {human_size(others)})" if others else ""
             raise InsufficientStorage(
-                f"Not enough disk space for this download: it needs {_mb(need)} ({need} bytes), "
-                f"the disk of {destination} has {_mb(free)} ({free} bytes) free{busy}"
+                f"Not enough disk space for this download: it needs {human_size(need)} "
+                f"({need} bytes), the disk of {destination} has {human_size(free)} "
+                f"({free} bytes) free{busy}"
             )
 
     def _pump(self) -> None:
@@ -527,11 +527,7 @@ class DownloadManager:
 
     async def _conclude(self, job: Job, run: _Run, returncode: int | None) -> None:
         if run.cancel:
-            await asyncio.to_thread(_remove_job_files, job)
-            job.bytes_done = 0
-            self._finish(
-                job, JobStatus.CANCELLED, "Cancelled; the files it had written are removed"
-            )
+            await self._cancelled(job, "Cancelled; the files it had written are removed")
         elif self._closing:
             for f in job.files:
                 if f.status is FileStatus.DOWNLOADING:
@@ -543,9 +539,10 @@ class DownloadManager:
             f.status in (FileStatus.DONE, FileStatus.PRESENT) for f in job.files
         ):
             seconds = time.time() - (job.started_at or job.created_at)
+            size = human_size(job.bytes_total)
             self._finish(
                 job, JobStatus.COMPLETED,
-                f"Downloaded {len(job.files)} file(s), {_mb(job.bytes_total)}, in {seconds:.1f} s",
+                f"Downloaded {len(job.files)} file(s), {size}, in {seconds:.1f} s",
             )  # fmt: skip
             try:
                 self.on_finished(job.destination)
@@ -562,6 +559,16 @@ class DownloadManager:
                 log.warning("download %s: %s", job.job_id, " | ".join(run.stderr))
             error = _coded(code, message)
             self._finish(job, JobStatus.FAILED, message, error)
+
+    async def _cancelled(self, job: Job, message: str) -> None:
+        """The end of a cancelled job, by its runner or, for a job still
+        queued, by ``cancel``: the files go (see the module's docstring), then
+        the job is recorded as cancelled, once.  It stays active while its
+        files go, so no other job is let into its destination meanwhile (nor
+        has its partial file removed under it)."""
+        await asyncio.to_thread(_remove_job_files, job)
+        job.bytes_done = 0
+        self._finish(job, JobStatus.CANCELLED, message)
 
     def _progress(self, job: Job, run: _Run, force: bool = False) -> None:
         job.bytes_done = sum(job.file_bytes(f) for f in job.files)

@@ -96,7 +96,9 @@ def _checked_repo_id(text: str, given_as: str) -> str:
     return repo_id
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
+def origin(url: str) -> tuple[str, str, int | None]:
+    """``url``'s (scheme, host, port), the default port filled in: two
+    addresses with the same origin are the same server."""
     parts = urlsplit(url)
     default = {"http": 80, "https": 443}.get(parts.scheme)
     try:
@@ -114,11 +116,14 @@ def _repo_path(url: str, endpoint: str) -> str | None:
     if (parts.hostname or "").lower() in HUB_HOSTS and parts.scheme in ("http", "https"):
         return parts.path
     base = endpoint.rstrip("/")
-    if _origin(url) == _origin(base):
+    if origin(url) == origin(base):
         prefix = urlsplit(base).path.rstrip("/")
         if parts.path.startswith(prefix + "/"):
             return parts.path[len(prefix) :]
     return None
+
+
+MISSING_REPO = "Name the repo: 'url' (https://huggingface.co/ORG/NAME) or 'repo_id'"
 
 
 def parse_repo(url: str | None, repo_id: str | None, endpoint: str = DEFAULT_ENDPOINT) -> RepoRef:
@@ -127,7 +132,7 @@ def parse_repo(url: str | None, repo_id: str | None, endpoint: str = DEFAULT_END
     if repo_id is not None and not url:
         return RepoRef(_checked_repo_id(repo_id, "repo_id"))
     if not url:
-        raise BadRequest("Name the repo: 'url' (https://huggingface.co/ORG/NAME) or 'repo_id'")
+        raise BadRequest(MISSING_REPO)
     path = _repo_path(url.strip(), endpoint)
     if path is None:
         raise BadRequest(
@@ -169,6 +174,18 @@ def parse_pull_spec(spec: str) -> tuple[str, str | None]:
 def default_destination(repo_id: str) -> str:
     """XandRouting's folder name: the repo's name, lower-cased."""
     return repo_id.rsplit("/", 1)[-1].lower()
+
+
+def human_size(n: float) -> str:
+    """A size for people: 512 B, 2.7 MB, 4.7 GB, 1.1 PB (decimal units, like
+    disk makers).  The download manager's messages and ``dynllm pull``'s
+    progress use it."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} PB"
 
 
 # ---- quantizations ------------------------------------------------------------------

@@ -33,7 +33,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from dynllm.errors import (
     DynllmError,
@@ -42,7 +41,7 @@ from dynllm.errors import (
     RepoGated,
     RepoNotFound,
 )
-from dynllm.hubfiles import RepoFile
+from dynllm.hubfiles import RepoFile, origin
 
 log = logging.getLogger("dynllm.downloads")
 
@@ -196,7 +195,7 @@ def _fetch(spec: dict[str, Any], name: str, token: str | None) -> None:
             partial.unlink()  # longer than the file: not a prefix of it
         _emit({"event": "file", "name": name, "partial": str(partial), "size": meta.size})
         headers = build_hf_headers(token=token)
-        if _origin(meta.location) != _origin(url):  # a CDN: the token stays on the Hub
+        if origin(meta.location) != origin(url):  # a CDN: the token stays on the Hub
             headers.pop("authorization", None)
         with partial.open("ab") as out:
             http_get(meta.location, out, resume_size=out.tell(), headers=headers,
@@ -209,11 +208,6 @@ def _fetch(spec: dict[str, Any], name: str, token: str | None) -> None:
         paths.file_path.unlink(missing_ok=True)
         os.replace(partial, paths.file_path)
     write_download_metadata(destination, name, commit_hash=meta.commit_hash, etag=meta.etag)
-
-
-def _origin(url: str) -> tuple[str, str]:
-    parts = urlsplit(url)
-    return parts.scheme, parts.netloc.lower()
 
 
 def _failure(exc: BaseException, spec: dict[str, Any], name: str) -> tuple[str, str]:

@@ -30,7 +30,8 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> str:
     )
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A span for people: 42s, 3m05s, 2h10m, 1d04h (negative spans are 0s)."""
     seconds = int(max(seconds, 0))
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
@@ -45,7 +46,7 @@ def _duration(seconds: float) -> str:
 
 
 def _ago(when: Any, now: float) -> str:
-    return f"{_duration(now - when)} ago" if isinstance(when, int | float) else "never"
+    return f"{duration(now - when)} ago" if isinstance(when, int | float) else "never"
 
 
 def _cell(value: Any) -> str:
@@ -55,7 +56,7 @@ def _cell(value: Any) -> str:
 def render_status(health: dict[str, Any], state: dict[str, Any], url: str, now: float) -> str:
     head = f"dynllm {health.get('version', '?')} at {url}"
     if isinstance(health.get("uptime_seconds"), int | float):
-        head += f", up {_duration(health['uptime_seconds'])}"
+        head += f", up {duration(health['uptime_seconds'])}"
     used, total = state.get("vram_used_mb", 0), state.get("vram_total_mb", 0)
     share = f" ({100 * used / total:.0f}%)" if total else ""
     lines = [head, f"VRAM {used} of {total} MB used{share}"]
@@ -83,7 +84,7 @@ def render_status(health: dict[str, Any], state: dict[str, Any], url: str, now: 
         if isinstance(m.get("cooldown_until"), int | float) and m["cooldown_until"] > now:
             lines.append(
                 f"{m['name']}: cooling down after {m.get('consecutive_failures', '?')} failed "
-                f"load(s); next try in {_duration(m['cooldown_until'] - now)} "
+                f"load(s); next try in {duration(m['cooldown_until'] - now)} "
                 f"(`dynllm load {m['name']} --force` skips the wait)"
             )
     return "\n".join(lines)
@@ -102,7 +103,7 @@ def render_models(state: dict[str, Any]) -> str:
                 _cell(m.get("model_type")),
                 _cell(m.get("vram_mb")),
                 "yes" if m.get("pinned") else "no",
-                "never" if after is None else _duration(after),
+                "never" if after is None else duration(after),
                 _cell(m.get("status")),
             ]
         )

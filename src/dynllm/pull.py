@@ -21,7 +21,9 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from dynllm.client import AdminClient, ClientError, Target
-from dynllm.hubfiles import looks_like_url, parse_pull_spec
+from dynllm.downloadjob import ACTIVE
+from dynllm.hubfiles import human_size, looks_like_url, parse_pull_spec
+from dynllm.manage import duration
 
 POLL_SECONDS = 0.5
 LINE_EVERY = 5.0
@@ -29,7 +31,6 @@ LINE_EVERY = 5.0
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
-ACTIVE = ("queued", "downloading")
 
 
 def request_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,36 +48,19 @@ def request_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
-def size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
-
-
 def progress_line(job: dict[str, Any]) -> str:
     done, total = job.get("bytes_done") or 0, job.get("bytes_total") or 0
     status = job.get("status", "?")
     if status == "queued":
         return f"{job.get('repo_id')}: {job.get('message') or 'queued'}"
     share = f"{100 * done / total:5.1f}%" if total else "  ?  %"
-    line = f"{job.get('repo_id')}: {share}  {size(done)} of {size(total)}"
+    line = f"{job.get('repo_id')}: {share}  {human_size(done)} of {human_size(total)}"
     speed = job.get("speed_bytes_per_s") or 0
     if status == "downloading" and speed:
-        line += f"  {size(speed)}/s"
+        line += f"  {human_size(speed)}/s"
         if job.get("eta_seconds") is not None:
-            line += f"  ETA {_duration(job['eta_seconds'])}"
+            line += f"  ETA {duration(job['eta_seconds'])}"
     return line
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 class Bar:

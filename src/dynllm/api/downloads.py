@@ -27,6 +27,7 @@ from dynllm.api.bodies import parse_json_object
 from dynllm.downloadjob import DownloadRequest, utf8_text
 from dynllm.downloads import DownloadManager
 from dynllm.errors import BadRequest, invalid_request
+from dynllm.hubfiles import MISSING_REPO
 
 
 class VerifyRequest(BaseModel):
@@ -95,7 +96,7 @@ async def verify_repo(request: Request) -> dict[str, Any]:
     body = await _body(request, VerifyRequest)
     repo = body.url or body.repo_id
     if not repo:
-        raise BadRequest("Name the repo: 'url' (https://huggingface.co/ORG/NAME) or 'repo_id'")
+        raise BadRequest(MISSING_REPO)
     return await _manager(request).verify(repo, body.revision)
 
 

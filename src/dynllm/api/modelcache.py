@@ -10,7 +10,6 @@ before ``/v1/models/{model}``, so a model cannot hide these paths.
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -20,6 +19,7 @@ from dynllm.api.admin import unload_all
 from dynllm.api.bodies import REQUEST_SETTINGS, parse_json_object
 from dynllm.api.dispatch import find_model
 from dynllm.config import ModelConfig
+from dynllm.downloadjob import iso_time
 from dynllm.errors import BadRequest
 from dynllm.events import ModelState
 from dynllm.inventory import inventory
@@ -55,12 +55,6 @@ def _services(request: Request) -> Services:
     return services
 
 
-def _iso(at: float | None) -> str | None:
-    if at is None or not math.isfinite(at):
-        return None
-    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds")
-
-
 def loaded_entry(services: Services, spec: ModelConfig) -> dict[str, Any]:
     scheduler = services.scheduler
     slot = scheduler.slots[spec.name]
@@ -74,9 +68,9 @@ def loaded_entry(services: Services, spec: ModelConfig) -> dict[str, Any]:
         "model_path": str(services.config.model_path(spec)) if spec.path else None,
         "backend": spec.backend.value,
         "device": cat.device_of(spec),
-        "loaded_at": _iso(slot.loaded_at),
+        "loaded_at": iso_time(slot.loaded_at),
         "ttl": None if math.isinf(ttl) else ttl,
-        "expires_at": _iso(expires),
+        "expires_at": iso_time(expires),
         "status": slot.state.value,
         "model": catalog.base_of(spec.name),
         "source": catalog.source(spec.name).value,
