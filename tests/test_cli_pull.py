@@ -19,7 +19,8 @@ import pytest
 from dynllm import pull
 from tests.conftest import poll
 from tests.support.fake_hub import GATED_REPO, GGUF_REPO, FakeHub, HubRepo, standard_repos
-from tests.test_api_downloads import Dynllm, hub_env, start, stop, write_config
+from tests.support.hub_helpers import Dynllm, hub_env, repo_of, start, stop, write_config
+from tests.support.net import free_port
 
 BIG = "tiny-Q4_K_M.gguf"
 
@@ -76,8 +77,7 @@ def test_pull_shows_progress_and_exits_0(
     shares = [float(re.search(r"(\d+\.\d)%", line)[1]) for line in progress]  # type: ignore[index]
     assert len(shares) >= 2 and shares == sorted(shares) and shares[-1] == 100.0, lines
     assert re.fullmatch(r"dynllm: Downloaded 2 file\(s\), 2\.7 MB, in [\d.]+ s", lines[-1])
-    source = next(r for r in repos if r.repo_id == GGUF_REPO)
-    assert (destination / BIG).read_bytes() == source.files[BIG]
+    assert (destination / BIG).read_bytes() == repo_of(repos, GGUF_REPO).files[BIG]
     print("\n" + result.stderr)
 
 
@@ -127,8 +127,9 @@ def test_refusals_exit_1_with_the_services_message(dynllm: Dynllm, tmp_path: Pat
     gated = run_pull(dynllm, tmp_path, GATED_REPO)
     assert gated.returncode == 1 and "answered 403: The repository" in gated.stderr
     assert "hf_token" in gated.stderr and "Traceback" not in missing.stderr + gated.stderr
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     unreachable = subprocess.run(
-        [sys.executable, "-m", "dynllm", "pull", "a/b", "--server", "http://127.0.0.1:9"],
+        [sys.executable, "-m", "dynllm", "pull", "a/b", "--server", closed],
         cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert unreachable.returncode == 1 and "cannot reach the service" in unreachable.stderr

@@ -8,8 +8,6 @@ resumed download fetched again.
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,6 +40,7 @@ from tests.support.fake_hub import (
     HubRepo,
     standard_repos,
 )
+from tests.support.hub_helpers import files_under, repo_of, sha256
 from tests.support.net import free_port
 
 BIG = "tiny-Q4_K_M.gguf"  # padded to ~2.4 MB: a throttled transfer of it takes seconds
@@ -110,16 +109,17 @@ async def until_done(job: Job, timeout: float = 60) -> Job:
     return job
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def repo_of(repos: list[HubRepo], repo_id: str) -> HubRepo:
-    return next(r for r in repos if r.repo_id == repo_id)
-
-
-def files_under(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+@asynccontextmanager
+async def started(
+    tmp_path: Path, hub: FakeHub, *, past: int = 0, throttle: int = 300_000, **settings: Any
+) -> AsyncIterator[tuple[DownloadManager, Job]]:
+    """A manager with the Q4_K_M download of the tiny repo under way: the hub
+    throttled, the job past ``past`` bytes."""
+    hub.throttle = throttle
+    async with manager_for(config_for(tmp_path, hub, **settings)) as (manager, _):
+        job = await manager.submit(DownloadRequest(repo_id=GGUF_REPO, quantization="Q4_K_M"))
+        await apoll(lambda: job.view()["bytes_done"] > past, timeout=30)
+        yield manager, job
 
 
 # ---- done when: one quantization, byte-identical, progress, discoverable at once --------
@@ -134,11 +134,16 @@ async def test_one_quantization_downloads_byte_identical_with_progress(
         job = await manager.submit(DownloadRequest(repo_id=GGUF_REPO, quantization="Q4_K_M"))
         assert job.view()["status"] == "downloading"
         seen: list[int] = []
-        while job.status is JobStatus.DOWNLOADING:
-            view = job.view()
-            if not seen or view["bytes_done"] != seen[-1]:
-                seen.append(view["bytes_done"])
-            await asyncio.sleep(0.05)
+
+        def ended() -> bool:  # the progress seen while it runs, sampled on the way
+            if job.status is not JobStatus.DOWNLOADING:
+                return True
+            done = job.view()["bytes_done"]
+            if not seen or done != seen[-1]:
+                seen.append(done)
+            return False
+
+        await apoll(ended, timeout=60, interval=0.05)
         view = job.view()
     assert view["status"] == "completed", view
     assert [f["name"] for f in view["files"]] == [BIG, "mmproj-F16.gguf"]
@@ -225,10 +230,7 @@ async def test_files_already_there_are_not_fetched_again(
 async def test_cancel_stops_the_transfer_within_a_second_and_removes_every_partial_file(
     tmp_path: Path, hub: FakeHub
 ) -> None:
-    hub.throttle = 300_000  # ~8 s for the big file
-    async with manager_for(config_for(tmp_path, hub)) as (manager, _):
-        job = await manager.submit(DownloadRequest(repo_id=GGUF_REPO, quantization="Q4_K_M"))
-        await apoll(lambda: job.view()["bytes_done"] > 300_000, timeout=30)
+    async with started(tmp_path, hub, past=300_000) as (manager, job):  # ~8 s for the big file
         pid = manager.transfer_pid(job.job_id)
         assert pid is not None
         assert job.destination.exists()
@@ -251,7 +253,6 @@ async def test_cancel_stops_the_transfer_within_a_second_and_removes_every_parti
     view = cancelled.view()
     assert view["bytes_done"] == 0 and view["speed_bytes_per_s"] == 0
     # It stays cancelled (XandRouting's job later reported "completed").
-    await asyncio.sleep(0.5)
     assert job.status is JobStatus.CANCELLED and hub.open_transfers() == []
     print(
         f"\ncancel at {before} of {job.bytes_total} bytes: the stand-in saw the connection "
@@ -340,11 +341,8 @@ async def test_a_restart_resumes_the_download_where_it_stopped(
 async def test_a_job_recorded_as_downloading_by_a_crashed_dynllm_is_resumed(
     tmp_path: Path, hub: FakeHub
 ) -> None:
-    hub.throttle = 300_000
     config = config_for(tmp_path, hub)
-    async with manager_for(config) as (manager, _):
-        job = await manager.submit(DownloadRequest(repo_id=GGUF_REPO, quantization="Q4_K_M"))
-        await apoll(lambda: job.view()["bytes_done"] > 200_000, timeout=30)
+    async with started(tmp_path, hub, past=200_000) as (_, job):
         record = job.record()
     # What a kill -9 leaves: the record still says "downloading" (the close above
     # wrote "queued"; put back what the crash would have left).
@@ -362,11 +360,9 @@ async def test_a_job_recorded_as_downloading_by_a_crashed_dynllm_is_resumed(
 async def test_a_job_that_cannot_resume_is_marked_interrupted_not_lost(
     tmp_path: Path, hub: FakeHub
 ) -> None:
-    hub.throttle = 300_000
     config = config_for(tmp_path, hub)
-    async with manager_for(config) as (manager, _):
-        job = await manager.submit(DownloadRequest(repo_id=GGUF_REPO, quantization="Q4_K_M"))
-        await apoll(lambda: job.view()["bytes_done"] > 100_000, timeout=30)
+    async with started(tmp_path, hub, past=100_000) as (_, job):
+        pass  # stopped (the manager closes) 100 kB in
     moved = config.model_copy(update={"models_dir": str(tmp_path / "other-models")})
     async with manager_for(moved) as (manager, _):
         found = manager.job(job.job_id)
@@ -396,9 +392,14 @@ async def test_with_a_limit_of_one_the_second_job_waits_for_the_first(
         assert second.status is JobStatus.QUEUED
         assert second.view()["message"] == "Waiting for a download slot (0 queued ahead)"
         statuses = set()
-        while first.status is JobStatus.DOWNLOADING:
+
+        def first_ended() -> bool:  # the second's statuses while the first runs
+            if first.status is not JobStatus.DOWNLOADING:
+                return True
             statuses.add(second.status)
-            await asyncio.sleep(0.05)
+            return False
+
+        await apoll(first_ended, timeout=60, interval=0.05)
         await until_done(second)
     assert statuses == {JobStatus.QUEUED}
     assert first.status is second.status is JobStatus.COMPLETED
@@ -518,9 +519,7 @@ async def test_an_unreachable_hub_is_502(tmp_path: Path, hub: FakeHub) -> None:
 async def test_a_second_job_into_the_same_folder_is_refused_while_the_first_runs(
     tmp_path: Path, hub: FakeHub
 ) -> None:
-    hub.throttle = 300_000
-    async with manager_for(config_for(tmp_path, hub)) as (manager, _):
-        first = await manager.submit(DownloadRequest(repo_id=GGUF_REPO, quantization="Q4_K_M"))
+    async with started(tmp_path, hub) as (manager, first):
         error = await rejected(manager, repo_id=GGUF_REPO, quantization="Q8_0")
         assert error.status == 409 and first.job_id in error.message
         await manager.cancel(first.job_id)

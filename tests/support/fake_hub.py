@@ -24,8 +24,8 @@ the Hub) but its files answer 401 ``GatedRepo`` without the right token.
 ``throttle`` (bytes per second, changeable at any time) paces every file
 body so that a cancel or a restart lands mid-transfer.  Between two chunks
 the server watches its socket, so a client that goes away is noticed at
-once: each ``Transfer`` records when its connection ended and why.
-``served`` counts the body bytes sent per file.
+once: each ``Transfer`` records when its connection ended and why, and the
+bytes it sent (``served_bytes`` adds them up per file).
 
 It runs in a thread of the test process (``with FakeHub(repos) as hub``).
 """
@@ -101,13 +101,10 @@ class FakeHub:
         repos: list[HubRepo],
         *,
         throttle: int | None = None,
-        token: str = GOOD_TOKEN,
     ) -> None:
         self.repos = {r.repo_id: r for r in repos}
         self.throttle = throttle
-        self.token = token
         self.lock = threading.Lock()
-        self.served: dict[str, int] = {}
         self.transfers: list[Transfer] = []
         self.requests: list[tuple[str, str]] = []
         self.closing = threading.Event()
@@ -145,7 +142,7 @@ class FakeHub:
     # ---- what the tests read --------------------------------------------------------
     def served_bytes(self, repo_id: str, name: str) -> int:
         with self.lock:
-            return self.served.get(f"{repo_id}/{name}", 0)
+            return sum(t.sent for t in self.transfers if (t.repo_id, t.name) == (repo_id, name))
 
     def transfers_of(self, name: str) -> list[Transfer]:
         with self.lock:
@@ -187,7 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _authorized(self) -> bool:
         value = self.headers.get("Authorization", "")
-        return value == f"Bearer {self.hub.token}"
+        return value == f"Bearer {GOOD_TOKEN}"
 
     def _repo(self, repo_id: str, revision: str | None) -> HubRepo | None:
         repo = self.hub.repos.get(repo_id)
@@ -309,7 +306,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self, repo: HubRepo, name: str, data: bytes, offset: int) -> None:
         transfer = Transfer(repo.repo_id, name, offset, time.time())
-        key = f"{repo.repo_id}/{name}"
         with self.hub.lock:
             self.hub.transfers.append(transfer)
         connection: socket.socket = self.connection
@@ -326,7 +322,6 @@ class _Handler(BaseHTTPRequestHandler):
                 position += len(chunk)
                 with self.hub.lock:
                     transfer.sent += len(chunk)
-                    self.hub.served[key] = self.hub.served.get(key, 0) + len(chunk)
                 throttle = self.hub.throttle
                 more = position < len(data)
                 if more and throttle and not pause_unless_gone(connection, len(chunk) / throttle):
@@ -380,7 +375,7 @@ PRIVATE_REPO = "tiny-org/Private-GGUF"
 HUGE_REPO = "tiny-org/Huge-GGUF"
 
 
-def tiny_gguf_repo(scratch: Path, *, pad_mb: int = 0, repo_id: str = GGUF_REPO) -> HubRepo:
+def tiny_gguf_repo(scratch: Path, *, pad_mb: int = 0) -> HubRepo:
     """A GGUF repo laid out as real ones are: one file per quantization, a
     split quantization (two shards), a folder-per-quant split, a projector,
     and the small files (README, LICENSE, .gitattributes) a GGUF user never
@@ -400,7 +395,7 @@ def tiny_gguf_repo(scratch: Path, *, pad_mb: int = 0, repo_id: str = GGUF_REPO) 
     for shard in write_split_llama(scratch / "Q5_K_M", "tiny-Q5_K_M", 2, seed=5):
         files[f"Q5_K_M/{shard.name}"] = shard.read_bytes()
     files["mmproj-F16.gguf"] = write_mmproj(scratch / "proj").read_bytes()
-    return HubRepo(repo_id, files)
+    return HubRepo(GGUF_REPO, files)
 
 
 def standard_repos(scratch: Path, *, pad_mb: int = 0) -> list[HubRepo]:
