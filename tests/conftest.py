@@ -239,23 +239,27 @@ async def serve(config: Config, config_path: Path | None = None) -> AsyncIterato
 
 
 def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("DYNLLM_CONFIG", None)
-    return env
+    """This environment without any DYNLLM_* variable: a DYNLLM_CONFIG,
+    DYNLLM_PORT or DYNLLM_ADMIN_API_KEY from the caller's shell would change
+    what a dynllm child process serves or sends."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DYNLLM_")}
 
 
 @pytest.fixture
 def dynllm_process() -> Iterator[Any]:
-    """Starts dynllm as its own process (``start(config_path)``); stopped after the test."""
+    """Starts dynllm as its own process (``start(config_path, log_file=None)``:
+    stderr to a pipe, or into ``log_file``); stopped after the test."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(config_path: Path) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dynllm", "--config", str(config_path)],
-            env=subprocess_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+    def start(config_path: Path, log_file: Path | None = None) -> subprocess.Popen[bytes]:
+        with contextlib.ExitStack() as stack:
+            sink = subprocess.PIPE if log_file is None else stack.enter_context(log_file.open("wb"))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dynllm", "--config", str(config_path)],
+                env=subprocess_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=sink,
+            )
         procs.append(proc)
         return proc
 

@@ -29,9 +29,9 @@ from dynllm import __version__
 from dynllm.app import instance_marker
 from dynllm.cli import main as cli_main
 from dynllm.config import load_config
-from tests.conftest import ConfigFactory, backends_with_marker, poll, serve
+from tests.conftest import ConfigFactory, backends_with_marker, poll, serve, subprocess_env
+from tests.support.cli_process import LineReader, cli_process
 from tests.support.net import free_port, http_ok
-from tests.test_client import LineReader
 from tests.test_config import (
     DYNLLM_README_CONFIG,
     EXAMPLE_CONFIG,
@@ -47,11 +47,10 @@ EXIT_CONFIG = 2
 def run_cli(
     cwd: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DYNLLM_")}
     return subprocess.run(
         [sys.executable, "-m", "dynllm", *args],
         cwd=cwd,
-        env={**clean, **(env or {})},
+        env={**subprocess_env(), **(env or {})},
         capture_output=True,
         text=True,
         timeout=60,
@@ -663,12 +662,7 @@ def test_the_commands_as_processes_status_load_and_logs_follow(
         assert status.returncode == 0, status.stderr
         assert table(status.stdout)["chat"]["STATE"] == "unloaded"
 
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("DYNLLM_")}
-        follower = subprocess.Popen(
-            [sys.executable, "-m", "dynllm", "logs", "chat", "-f", "-c", str(path)],
-            env=clean, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-        )  # fmt: skip
-        try:
+        with cli_process("logs", "chat", "-f", "-c", str(path)) as follower:
             reader = LineReader(follower)
             load = run_cli(tmp_path, "load", "chat", "-c", str(path))
             assert load.returncode == 0, load.stderr
@@ -690,10 +684,6 @@ def test_the_commands_as_processes_status_load_and_logs_follow(
             latency = time.monotonic() - sent
             follower.send_signal(signal.SIGINT)
             code = follower.wait(timeout=15)
-        finally:
-            if follower.poll() is None:
-                follower.kill()
-                follower.wait()
         assert follower.stderr is not None
         err = follower.stderr.read().decode()
     print("\n".join(seen))

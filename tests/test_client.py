@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
-import subprocess
 import sys
 import threading
 import time
@@ -23,6 +21,7 @@ import pytest
 
 from dynllm import cli
 from dynllm.client import AdminClient, NotSupported, SseEvent, Target, sse_events, url_for
+from tests.support.cli_process import LineReader, cli_process
 from tests.support.net import free_port
 from tests.support.stub_admin import Reply, Seen, StubAdmin, event_stream, reply
 
@@ -200,42 +199,6 @@ def test_a_server_that_is_not_dynllm(capsys: pytest.CaptureFixture[str]) -> None
 # ---- logs -f ---------------------------------------------------------------------------
 
 
-class LineReader:
-    """Lines from a child's stdout as they come, each waited for with a deadline
-    (a plain readline would hang the test if the command stopped printing)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        self.fd = proc.stdout.fileno()
-        self.buffer = b""
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.fd, selectors.EVENT_READ)
-
-    def line(self, timeout: float = 15) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.selector.select(left):
-                raise AssertionError(f"no line within {timeout} s (have {self.buffer!r})")
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                raise AssertionError(f"stdout closed (have {self.buffer!r})")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
-
-
-def _cli_process(*argv: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("DYNLLM_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "dynllm", *argv],
-        env={**clean, **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-    )
-
-
 def test_logs_follow_prints_lines_as_the_stream_brings_them() -> None:
     """The stream per the contract: a ``: connected`` comment, the tail, then
     new lines as they come, keepalive comments in between.  The third line
@@ -252,10 +215,9 @@ def test_logs_follow_prints_lines_as_the_stream_brings_them() -> None:
         yield b"data: " + json.dumps({"model": "chat", "line": "request 1"}).encode() + b"\n\n"
 
     with StubAdmin({("GET", "/admin/models/chat/logs"): event_stream(stream)}) as stub:
-        proc = _cli_process(
+        with cli_process(
             "logs", "chat", "-f", "--url", stub.url, env={"DYNLLM_ADMIN_API_KEY": SECRET}
-        )
-        try:
+        ) as proc:
             reader = LineReader(proc)
             first = [reader.line(), reader.line()]
             shown_at = time.monotonic()
@@ -263,10 +225,6 @@ def test_logs_follow_prints_lines_as_the_stream_brings_them() -> None:
             third = reader.line()
             latency = time.monotonic() - shown_at
             code = proc.wait(timeout=15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         assert proc.stderr is not None
         err = proc.stderr.read().decode()
     print(f"third line printed {latency * 1000:.0f} ms after the stub was told to send it")

@@ -10,7 +10,6 @@ function, so only the first run pays the conversion (about 10 s).
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import re
 import signal
 import subprocess
@@ -27,7 +26,7 @@ import pytest
 
 from dynllm import demo
 from dynllm.config import load_config
-from tests.conftest import poll, register_marker
+from tests.conftest import poll, register_marker, subprocess_env
 from tests.support import envs
 from tests.support.net import free_port, http_ok
 
@@ -83,11 +82,6 @@ def llama_server() -> str:
     return binary
 
 
-def _clean_env() -> dict[str, str]:
-    # DYNLLM_PORT, DYNLLM_API_KEYS... from the caller's shell would change the service.
-    return {k: v for k, v in os.environ.items() if not k.startswith("DYNLLM_")}
-
-
 @pytest.fixture
 def demo_process(
     smollm2_f16: Path, llama_server: str, cache: Path, tmp_path: Path
@@ -97,7 +91,7 @@ def demo_process(
     argv = [*DEMO_COMMAND, "--port", str(port), "--cache-dir", str(cache),
             "--state-dir", str(tmp_path / "state")]  # fmt: skip
     with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_clean_env())
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=subprocess_env())
     try:
         config_file = tmp_path / "state" / "config.yaml"
         poll(lambda: config_file.exists() or proc.poll() is not None, timeout=60)
@@ -253,7 +247,7 @@ def test_a_killed_conversion_leaves_no_file_and_its_leftover_is_removed(
     target = demo.converted_path(source, tmp_path)
     code = "import sys; from pathlib import Path; from dynllm import demo; " \
            "demo.converted_model(demo.source_model(), Path(sys.argv[1]))"  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=_clean_env())
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=subprocess_env())
     try:
         tmp = poll(lambda: next(iter(tmp_path.glob("*.tmp")), None), timeout=60)
         poll(lambda: tmp.stat().st_size > 2**20, timeout=60)  # mid-way through the tensors

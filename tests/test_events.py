@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from dynllm.events import (
     Reason,
     log_event,
 )
-from tests.conftest import ConfigFactory, apoll, poll, serve, subprocess_env
+from tests.conftest import ConfigFactory, apoll, poll, serve
 from tests.support.net import http_ok
 from tests.support.sse import SSEReader
 
@@ -301,43 +299,32 @@ async def test_backend_output_is_logged_at_backend_log_level(
 
 
 def test_sigterm_with_an_open_events_stream_ends_it_and_exits_promptly(
-    make_config: ConfigFactory, tmp_path: Path
+    make_config: ConfigFactory, dynllm_process: Any, tmp_path: Path
 ) -> None:
     """uvicorn waits for open responses before the lifespan's shutdown: the
     stream must end at once, not hold the process up to its graceful timeout
     (stop_timeout_seconds + 5 s in dynllm.cli)."""
     path, config = make_config.write_and_load([{"name": "A"}])
     graceful = int(config.stop_timeout_seconds) + 5
-    log = (tmp_path / "dynllm.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dynllm", "--config", str(path)],
-        env=subprocess_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log = tmp_path / "dynllm.log"
+    proc = dynllm_process(path, log)
     base = f"http://127.0.0.1:{config.server.port}"
-    try:
-        with httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
-            poll(lambda: http_ok(http), 30)
-            assert http.post("/admin/models/load", json={"model": "A"}).status_code == 200
-            with http.stream("GET", "/admin/events") as response:
-                chunks = response.iter_text()
-                assert next(chunks) == ": connected\n\n"
-                proc.send_signal(signal.SIGTERM)
-                started = time.monotonic()
-                for _ in chunks:  # until the server ends the stream
-                    pass
-                ended = time.monotonic() - started
-            assert proc.wait(graceful + 10) in (0, -signal.SIGTERM)
-            exited = time.monotonic() - started
-        print(f"SIGTERM with an open /admin/events: stream ended after {ended:.2f} s, "
-              f"process exited after {exited:.2f} s (graceful timeout {graceful} s)")  # fmt: skip
-        assert ended < 2 and exited < graceful - 2, (ended, exited)
-        output = (tmp_path / "dynllm.log").read_text()
-        assert "timeout graceful shutdown exceeded" not in output
-        assert "'A' loaded -> unloading (shutdown)" in output  # the store and log still saw it
-    finally:
-        log.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
+        poll(lambda: http_ok(http), 30)
+        assert http.post("/admin/models/load", json={"model": "A"}).status_code == 200
+        with http.stream("GET", "/admin/events") as response:
+            chunks = response.iter_text()
+            assert next(chunks) == ": connected\n\n"
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            for _ in chunks:  # until the server ends the stream
+                pass
+            ended = time.monotonic() - started
+        assert proc.wait(graceful + 10) in (0, -signal.SIGTERM)
+        exited = time.monotonic() - started
+    print(f"SIGTERM with an open /admin/events: stream ended after {ended:.2f} s, "
+          f"process exited after {exited:.2f} s (graceful timeout {graceful} s)")  # fmt: skip
+    assert ended < 2 and exited < graceful - 2, (ended, exited)
+    output = log.read_text()
+    assert "timeout graceful shutdown exceeded" not in output
+    assert "'A' loaded -> unloading (shutdown)" in output  # the store and log still saw it

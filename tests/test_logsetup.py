@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import fields
@@ -120,36 +118,12 @@ def test_configure_logging_levels_and_quiet_libraries(restore_logging: None) -> 
 # ---- a real dynllm with log_format: json -------------------------------------------------
 
 
-@pytest.fixture
-def dynllm_logging_to(tmp_path: Path) -> Iterator[Any]:
-    """Starts ``python -m dynllm -c PATH`` with stderr in a file (read whole at the end)."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(config_path: Path, log_file: Path) -> subprocess.Popen[bytes]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DYNLLM_")}
-        with log_file.open("wb") as sink:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dynllm", "-c", str(config_path)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=sink,
-            )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
 def test_a_json_log_is_one_object_per_line_with_the_request_line(
-    make_config: ConfigFactory, dynllm_logging_to: Any, tmp_path: Path
+    make_config: ConfigFactory, dynllm_process: Any, tmp_path: Path
 ) -> None:
     path, config = make_config.write_and_load([{"name": "chat"}], log_format="json")
     log_file = tmp_path / "stderr.log"
-    proc = dynllm_logging_to(path, log_file)
+    proc = dynllm_process(path, log_file)
     base = f"http://127.0.0.1:{config.server.port}"
     with httpx.Client(base_url=base, trust_env=False, timeout=30) as http:
         poll(lambda: http_ok(http) or proc.poll() is not None, timeout=30)
