@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from dynllm import requestlog
 from dynllm.requestlog import RequestRecord, log_request
 from tests.conftest import ConfigFactory, RunningApp, apoll, serve
 from tests.test_dispatch import config_for, fake_model
@@ -173,8 +174,17 @@ def test_the_line_and_its_fields(caplog: pytest.LogCaptureFixture) -> None:
     }
 
 
-def test_below_info_nothing_is_formatted(caplog: pytest.LogCaptureFixture) -> None:
+def test_below_info_nothing_is_formatted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below info, log_request returns before building the line (Logger.info
+    would drop the record anyway, but only after the formatting was paid for)."""
     caplog.set_level(logging.WARNING, logger="dynllm.requests")
+
+    def formatted(name: str) -> str:
+        raise AssertionError(f"the line for {name!r} was formatted below info")
+
+    monkeypatch.setattr(requestlog, "_text", formatted)
     record = RequestRecord("m", "/v1/embeddings", 200, 0.0, 0.0, False, None, 2.5, 10, None, None)
     began = time.perf_counter()
     for _ in range(1000):
