@@ -76,7 +76,7 @@ def inline_answer(body: bytes) -> str:
 
 async def worker_answer(worker: JsonWorker, body: bytes) -> str:
     try:
-        return bodies.model_name(await worker.model_of([body[:3], body[3:]]))
+        return bodies.model_name((await worker.model_and_settings([body[:3], body[3:]]))[0])
     except DynllmError as exc:
         return f"{type(exc).__name__}: {exc.message}"
 
@@ -105,7 +105,7 @@ async def test_the_helper_answers_exactly_as_the_inline_parser() -> None:
         await worker.close()
     assert not psutil.pid_exists(first)
     with pytest.raises(DynllmError, match="shutting down"):
-        await worker.model_of([b"{}"])
+        await worker.model_and_settings([b"{}"])
 
 
 async def test_a_large_body_is_rewritten_for_the_backend_off_the_loop(

@@ -65,7 +65,7 @@ class WorkerDied(Exception):
 
 
 class JsonWorker:
-    """The dynllm side: ``model_of`` and ``rewrite`` run in the helper.
+    """The dynllm side: ``model_and_settings`` and ``rewrite`` run in the helper.
 
     Nothing is started until the first call; ``close`` stops the helper and
     its thread (later calls get ShuttingDown)."""
@@ -80,15 +80,11 @@ class JsonWorker:
         """The helper's pid while it runs (for tests and logs)."""
         return self._proc.pid if self._proc is not None else None
 
-    async def model_of(self, body: Sequence[bytes]) -> str | None:
-        """The top-level ``model`` value of the body (given as its pieces) if
-        it is a string, else None; raises InvalidJSON exactly where
-        ``bodies.parse_json_object`` would."""
-        return (await self.model_and_settings(body))[0]
-
     async def model_and_settings(self, body: Sequence[bytes]) -> tuple[str | None, dict[str, Any]]:
-        """``model_of``, and the request settings the body carries
-        (``bodies.REQUEST_FIELDS``: backend, n_ctx, ttl, ...) as they are."""
+        """The top-level ``model`` value of the body (given as its pieces) if
+        it is a string, else None, and the request settings the body carries
+        (``bodies.REQUEST_FIELDS``: backend, n_ctx, ttl, ...) as they are;
+        raises InvalidJSON exactly where ``bodies.parse_json_object`` would."""
         _, payload = await self._call(PARSE, b"", body)
         answer = json.loads(payload)
         model = answer["model"]
