@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dynllm.admission import Admission
 from dynllm.events import EventHub
 from dynllm.metrics import UNKNOWN_MODEL, Metrics
 from dynllm.requestlog import RequestRecord
@@ -78,7 +79,7 @@ def key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
 async def test_counters_move_by_exactly_what_happened() -> None:
     hub = EventHub()
     s = Scheduler(make_config(AB), FakeEffects(), hub.publish)
-    metrics = Metrics(s)
+    metrics = Metrics(s, Admission())
     hub.subscribe(metrics.on_event)
     before = parse(metrics.exposition().decode())
 
@@ -122,7 +123,7 @@ async def test_gauges_read_the_live_state() -> None:
     hub = EventHub()
     fx = FakeEffects(auto=False)
     s = Scheduler(make_config(AB), fx, hub.publish)
-    metrics = Metrics(s)
+    metrics = Metrics(s, Admission())
 
     def gauges() -> Samples:
         return parse(metrics.exposition().decode())

@@ -29,9 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from typing import TYPE_CHECKING
 
 from dynllm.config import ModelConfig
 from dynllm.errors import QueueTimeout, TooManyRequests
+
+if TYPE_CHECKING:
+    from dynllm.scheduler import Scheduler, Slot
 
 RETRY_AFTER_SECONDS = 1.0
 """What a refused client is told to wait: requests to one model usually end
@@ -122,3 +126,10 @@ class Admission:
         """Requests waiting for a concurrency slot of ``name``."""
         gate = self.gates.get(name)
         return 0 if gate is None else gate.waiting
+
+
+def queued(scheduler: Scheduler, admission: Admission, slot: Slot) -> int:
+    """Requests waiting for ``slot``'s model, wherever they wait: for its load
+    or for VRAM (the scheduler), or for a max_concurrent_requests slot (here).
+    The one definition of "queued" for /admin/models and /metrics."""
+    return scheduler.waiting(slot) + admission.waiting(slot.spec.name)

@@ -32,6 +32,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from dynllm.admission import queued as queued_for
 from dynllm.events import CRASH_REASONS, LifecycleEvent, ModelState
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ LOAD_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 class _Gauges:
     """Read at scrape time from the live objects (a custom collector)."""
 
-    def __init__(self, scheduler: Scheduler, admission: Admission | None) -> None:
+    def __init__(self, scheduler: Scheduler, admission: Admission) -> None:
         self.scheduler = scheduler
         self.admission = admission
 
@@ -92,10 +93,7 @@ class _Gauges:
                 for s in ModelState:
                     state.add_metric([name, s.value], 1.0 if slot.state is s else 0.0)
                 in_flight.add_metric([name], slot.in_flight)
-                waiting = scheduler.waiting(slot)
-                if self.admission is not None:
-                    waiting += self.admission.waiting(name)
-                queued.add_metric([name], waiting)
+                queued.add_metric([name], queued_for(scheduler, self.admission, slot))
                 holds = slot.state is not ModelState.UNLOADED
                 vram.add_metric([name], slot.spec.vram_mb if holds else 0)
             used.add_metric([], scheduler.used_vram_mb())
@@ -104,7 +102,7 @@ class _Gauges:
 
 
 class Metrics:
-    def __init__(self, scheduler: Scheduler, admission: Admission | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, admission: Admission) -> None:
         self.scheduler = scheduler
         self.registry = CollectorRegistry()
         r = self.registry

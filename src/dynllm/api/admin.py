@@ -10,6 +10,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dynllm import __version__
+from dynllm.admission import queued
 from dynllm.api import sse
 from dynllm.api.bodies import parse_json_object
 from dynllm.config import ModelConfig
@@ -39,7 +40,7 @@ def _model_view(services: Any, spec: ModelConfig) -> dict[str, Any]:
         "source": services.catalog.source(spec.name).value,
         **scheduler.snapshot(slot),
         # Waiting for its load, for VRAM, or for a max_concurrent_requests slot.
-        "queued": scheduler.waiting(slot) + services.admission.waiting(spec.name),
+        "queued": queued(scheduler, services.admission, slot),
     }
 
 
