@@ -166,15 +166,21 @@ def request_headers(
     return headers
 
 
+SSE_NO_BUFFERING: tuple[tuple[bytes, bytes], ...] = (
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # nginx and friends: pass each event on at once
+)
+"""The headers of every event stream dynllm sends: relayed ones (where the
+backend did not set them), loading progress (api/progress) and the admin
+streams (api/sse).  Here, not in api/sse, so the proxy imports no Starlette
+responses for them."""
+
+
 def response_headers(raw: Iterable[tuple[bytes, bytes]], is_sse: bool) -> list[tuple[bytes, bytes]]:
     out = [(k, v) for k, v in raw if k.lower() not in _RESPONSE_DROP]
     if is_sse:
         present = {k.lower() for k, _ in out}
-        # Keep nginx and friends from buffering the stream.
-        if b"x-accel-buffering" not in present:
-            out.append((b"x-accel-buffering", b"no"))
-        if b"cache-control" not in present:
-            out.append((b"cache-control", b"no-cache"))
+        out.extend(pair for pair in SSE_NO_BUFFERING if pair[0] not in present)
     return out
 
 

@@ -39,7 +39,7 @@ import time
 from starlette.types import Send
 
 from dynllm.events import ModelState
-from dynllm.proxy import Exchange
+from dynllm.proxy import SSE_NO_BUFFERING, Exchange
 from dynllm.scheduler import Slot
 
 log = logging.getLogger("dynllm.api")
@@ -49,11 +49,7 @@ GRACE_SECONDS = 0.5
 its own status and headers; a slower one still shows its first bytes well
 within a second."""
 INTERVAL_SECONDS = 1.0
-HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),  # nginx and friends: pass each comment on at once
-]
+HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), *SSE_NO_BUFFERING]
 _WORDS = {
     ModelState.UNLOADED: "queued",
     ModelState.UNLOADING: "queued",

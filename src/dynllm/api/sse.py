@@ -18,14 +18,12 @@ from typing import Any, TypeVar
 from starlette.responses import StreamingResponse
 
 from dynllm.events import Feed
+from dynllm.proxy import SSE_NO_BUFFERING
 
 CONNECTED = b": connected\n\n"
 KEEPALIVE = b": keepalive\n\n"
 FELL_BEHIND = b": this stream fell behind and was closed; reconnect to go on\n\n"
-HEADERS = {
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # nginx would otherwise hold the stream in its buffer
-}
+HEADERS = {name.decode(): value.decode() for name, value in SSE_NO_BUFFERING}
 
 T = TypeVar("T")
 
