@@ -5,7 +5,6 @@ helpers to look at repos and downloaded folders."""
 from __future__ import annotations
 
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import httpx
 import psutil
 import yaml
 
-from tests.conftest import poll
+from tests.conftest import poll, subprocess_env
 from tests.support.fake_hub import FakeHub, HubRepo
 from tests.support.net import free_port, http_ok
 
@@ -62,7 +61,7 @@ class Dynllm:
 def hub_env(tmp: Path, decoy: FakeHub) -> dict[str, str]:
     """The environment without the user's DYNLLM_/HF_ settings; HF_ENDPOINT
     names ``decoy``, which no request may reach (the config names the hub)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DYNLLM_", "HF_"))}
+    env = {k: v for k, v in subprocess_env().items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(tmp / "hf-home"), HF_ENDPOINT=decoy.url)
     return env
 
