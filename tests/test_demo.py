@@ -42,6 +42,13 @@ def _skip_loudly(reason: str) -> NoReturn:
     pytest.skip(f"DEMO UNAVAILABLE: {reason}")
 
 
+def _source_or_skip() -> demo.SourceModel:
+    try:
+        return demo.source_model()
+    except demo.DemoUnavailable as exc:
+        _skip_loudly(str(exc))
+
+
 @pytest.fixture(scope="module")
 def cache() -> Path:
     return envs.cache_root() / "demo"
@@ -225,10 +232,7 @@ def _fail_after(monkeypatch: pytest.MonkeyPatch, calls: int) -> None:
 def test_a_failed_conversion_leaves_no_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    try:
-        source = demo.source_model()
-    except demo.DemoUnavailable as exc:
-        _skip_loudly(str(exc))
+    source = _source_or_skip()
     target = demo.converted_path(source, tmp_path)
     _fail_after(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="simulated"):
@@ -240,10 +244,7 @@ def test_a_failed_conversion_leaves_no_file(
 def test_a_killed_conversion_leaves_no_file_and_its_leftover_is_removed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    try:
-        source = demo.source_model()
-    except demo.DemoUnavailable as exc:
-        _skip_loudly(str(exc))
+    source = _source_or_skip()
     target = demo.converted_path(source, tmp_path)
     code = "import sys; from pathlib import Path; from dynllm import demo; " \
            "demo.converted_model(demo.source_model(), Path(sys.argv[1]))"  # fmt: skip
