@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -80,6 +79,7 @@ from dynllm.hubfiles import (
     select_files,
 )
 from dynllm.hubio import Listing, check_access, fetch_listing, hub_error
+from dynllm.proctree import die_with_parent
 
 if TYPE_CHECKING:
     from dynllm.config import Config
@@ -111,7 +111,6 @@ neither the progress nor a resume sees it, until 10 MiB have arrived (at
 2 MB/s, a progress step every 5 s).  256 KiB: a step every 0.13 s at 2 MB/s,
 and at 100 MB/s 400 reads a second, which cost the child little."""
 STDERR_LINES = 50
-_PR_SET_PDEATHSIG = 1
 
 
 def disk_free(path: Path) -> int:
@@ -495,11 +494,13 @@ class DownloadManager:
         if self.token:
             env["HF_TOKEN"] = self.token  # in the environment: argv is visible to every user
         if not run.cancel and not self._closing:
+            # die_with_parent: a dynllm killed with -9 takes its transfers along
+            # (a restart's resume would otherwise race them for the partial file).
             run.proc = await asyncio.create_subprocess_exec(
                 self.python, "-m", "dynllm.hubio",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, env=env,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
         proc = run.proc
         if proc is not None:
@@ -635,17 +636,6 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             return
         except TimeoutError:
             continue
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: a dynllm killed with -9 takes
-    its transfers along (they would otherwise write on, and a restart's
-    resume would race them for the same partial file)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the lock on each file still holds
-        pass
 
 
 def _hf_dir(destination: Path) -> Path:

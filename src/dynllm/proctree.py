@@ -69,7 +69,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -83,15 +83,37 @@ _PR_SET_CHILD_SUBREAPER = 36
 _PROC = "/proc"
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _resolve_prctl() -> Callable[..., int] | None:
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    return prctl
+
+
+# Resolved once, in dynllm's own process: ``die_with_parent`` runs in a
+# child between fork and exec, where loading libc again (dlopen takes the
+# loader's lock) deadlocks if another thread held that lock at the fork; the
+# child then never execs and its spawn never returns (seen in a test run).
+_PRCTL = _resolve_prctl()
+
+
 def become_subreaper() -> bool:
     """Make this process the subreaper of its descendants; False where the OS
     cannot (then orphans go to init and only the group and the marker scan at
     the next start find them)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
+    return _PRCTL is not None and int(_PRCTL(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of dynllm's children (backends, download transfers):
+    the child gets SIGKILL when dynllm dies, even by ``kill -9``.  Without
+    prctl (not Linux), startup reconciliation still finds the leftovers."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 @dataclass(frozen=True, slots=True)

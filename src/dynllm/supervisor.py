@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import secrets
 import signal
@@ -47,11 +46,11 @@ from dynllm.proctree import (
     ProcessTree,
     alive,
     become_subreaper,
+    die_with_parent,
 )
 
 LOG_LINES = 500
 _STREAM_LIMIT = 1 << 16  # asyncio's default line limit for the pipes
-_PR_SET_PDEATHSIG = 1
 TREE_POLL_SECONDS = 0.02
 """How often a stop looks again for members of the tree that are left."""
 
@@ -104,15 +103,6 @@ def as_log_level(level: int | str) -> int:
     if not isinstance(number, int):
         raise ValueError(f"unknown log level {level!r}")
     return number
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: reconciliation at startup still applies
-        pass
 
 
 class BackendProcess:
@@ -186,7 +176,7 @@ class BackendProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except OSError as exc:
             raise BackendStartFailed(
